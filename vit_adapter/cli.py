@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -75,6 +76,78 @@ def _adapter_flag_names() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import generate_dataset
+    from .engine.build import DEFAULT_ROOTS, REPO_ROOT
+    from .engine.config import config_from_args
+
+    cfg = config_from_args(args)
+    if cfg.data.dataset != "generated":
+        raise UsageError(f"`data` generates the synthetic set; the profile's data.dataset is {cfg.data.dataset!r}")
+    root = args.out or REPO_ROOT / (cfg.data.root or DEFAULT_ROOTS["generated"])
+    gen = dict(cfg.data.generator)
+    manifest = generate_dataset(
+        root,
+        n_train=cfg.data.n_train or 0,
+        n_val=cfg.data.n_val or 0,
+        image_size=cfg.data.image_size,
+        seed=args.data_seed,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        **gen,
+    )
+    n = len(manifest.get("files", {}))
+    print(f"dataset at {root}: {cfg.data.n_train} train + {cfg.data.n_val} val images, {n} files")
+    return 0
+
+
+def cmd_fetch_weights(args: argparse.Namespace) -> int:
+    from .engine.weights import fetch_weights, weights_path_for
+
+    out = args.out or weights_path_for(args.source, args.cache_dir)
+    path = fetch_weights(args.source, out, args.sha256)
+    print(path)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .engine.pretrain import run_pretrain_from_args
+
+    result = run_pretrain_from_args(args)
+    print(json.dumps({k: result[k] for k in ("top1", "steps", "seconds") if k in result}))
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from .engine.config import config_from_args
+
+    if args.seed is not None:
+        args.sets = [*args.sets, f"train.seed={args.seed}"]
+    return config_from_args(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine.trainer import train
+
+    cfg = _train_config(args)
+    result = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps(result["final"], sort_keys=True))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine.rundir import atomic_write_json
+    from .engine.trainer import evaluate_checkpoint
+
+    cfg = _train_config(args)
+    metrics = evaluate_checkpoint(cfg, args.checkpoint)
+    if args.out:
+        atomic_write_json(args.out, metrics)
+    print(json.dumps(metrics, sort_keys=True))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-adapter", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,15 +160,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="FLAG=VALUE", help="model flag override (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
+
+    from .engine.config import add_config_args
+
+    p = sub.add_parser("data", help="generate the synthetic dataset (COCO + ADE20K layouts) of a profile")
+    add_config_args(p)
+    p.add_argument("--out", type=Path, default=None, help="dataset root (default: the profile's data.root)")
+    p.add_argument("--data-seed", type=int, default=0, help="scene generator seed (not the training seed)")
+    p.add_argument("--workers", type=int, default=1, help="rendering processes (output bytes do not depend on it)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset generated with other parameters")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("fetch-weights", help="fetch ViT weights (timm name, URL + sha256, or local file)")
+    p.add_argument("source", help="timm model name, http(s)/file URL, or a local .pth/.safetensors path")
+    p.add_argument("--sha256", default=None, help="expected sha256 of the downloaded/local file")
+    p.add_argument("--out", type=Path, default=None, help="output .safetensors (default: under --cache-dir)")
+    p.add_argument("--cache-dir", type=Path, default=Path("weights"))
+    p.set_defaults(func=cmd_fetch_weights)
+
+    p = sub.add_parser("pretrain", help="pretrain the plain ViT offline on textured Fashion-MNIST")
+    from .engine.pretrain import add_pretrain_args
+
+    add_pretrain_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    for name, func, helptext in (
+        ("train", cmd_train, "train (and evaluate) one configuration into a run directory"),
+        ("eval", cmd_eval, "evaluate a checkpoint on the validation split"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        add_config_args(p)
+        p.add_argument("--seed", type=int, default=None, help="shortcut for --set train.seed=N")
+        if name == "train":
+            p.add_argument("--out", type=Path, required=True, help="run directory (work happens in <out>.partial)")
+            p.add_argument("--no-resume", action="store_true", help="discard <out>.partial instead of resuming")
+            p.add_argument("--overwrite", action="store_true", help="replace a finished run directory")
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
+        else:
+            p.add_argument("--checkpoint", type=Path, required=True)
+            p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
+        p.set_defaults(func=func)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .engine.rundir import RunDirError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, KeyError) as err:  # bad input: one line, exit 2
+    except (ValueError, FileNotFoundError, KeyError, RunDirError) as err:  # bad input: one line, exit 2
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"vit-adapter {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -1,0 +1,613 @@
+"""One nested dataclass config: YAML profile + overlays (plain nested merge) + ``--set key=value``.
+
+The layering is DINOv2-like: the dataclass holds the defaults, a profile from ``experiments/`` sets a whole
+experiment, overlays (e.g. an ablation from ``ablations/``) change a few keys, and ``--set section.key=value``
+changes single values last. There is no ``_base_`` inheritance and no registry: what you read in a profile is
+what runs, and the resolved config is saved next to the run (see docs/config.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+ABLATIONS_DIR = REPO_ROOT / "ablations"
+
+Task = Literal["det", "seg"]
+Preset = Literal[
+    "vit_adapter_t",
+    "vit_adapter_s",
+    "vit_adapter_b",
+    "vit_adapter_l",
+    "vit_t",
+    "vit_s",
+    "vit_b",
+    "vit_l",
+    "vit_adapter_cpu",
+    "vit_cpu",
+]
+
+
+class ConfigError(ValueError):
+    """A bad profile, overlay or ``--set``; the message is one line and names the key and its source."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Backbone choice. Every flag defaults to None = "the preset's default" (ablation_variants.md)."""
+
+    preset: Preset = "vit_adapter_cpu"
+    task: Task = "det"
+    # Ablation switches (ablation_variants.md).
+    use_spm: bool | None = None
+    injector: Literal["attention", "add", "none"] | None = None
+    use_extractor: bool | None = None
+    output_neck: Literal["adapter", "baseline"] | None = None
+    attention: Literal["deformable", "dense"] | None = None
+    n_interactions: int | None = None
+    extra_extractors: int | None = None
+    # Module hyper-parameters (facts §1, §2).
+    gamma_init: float | None = None
+    cffn_ratio: float | None = None
+    with_cffn: bool | None = None
+    n_points: int | None = None
+    deform_ratio: float | None = None
+    drop_path_rate: float | None = None
+    window_attn: bool | None = None
+    layer_scale: bool | None = None
+    norm: Literal["bn", "syncbn"] | None = None
+    with_cp: bool | None = None
+    pretrain_size: int | None = None
+    add_vit_feature: bool | None = None  # add the ViT tokens to the adapter outputs (facts §1.6)
+    window_size: int | None = None  # 14 in the official detection configs (facts §1.1)
+    mlp_ratio: float | None = None
+    # Architecture (None = preset).
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    deform_num_heads: int | None = None
+    conv_inplane: int | None = None
+    patch_size: int | None = None
+
+
+@dataclass
+class HeadConfig:
+    """Task head. Detection = Mask R-CNN; segmentation = UperNet or Semantic FPN."""
+
+    type: Literal["mask_rcnn", "upernet", "semfpn"] = "mask_rcnn"
+    num_classes: int = 10
+    channels: int = 256  # decode-head channels (UperNet 512, facts §2)
+    aux_weight: float = 0.4  # UperNet auxiliary FCN head loss weight (facts §2); 0 = no aux head
+    aux_in_index: int = 2  # which backbone level feeds the aux head (facts §2)
+    fpn_channels: int = 256  # FPN neck width (facts §2, §6)
+    # Mask R-CNN (torchvision naming; defaults follow mmdet's mask_rcnn_r50_fpn base).
+    representation_size: int = 1024
+    mask_convs: int = 4
+    mask_channels: int = 256
+    anchor_sizes: list[int] | None = None  # None = torchvision default (32, 64, 128, 256, 512)
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 1000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+
+@dataclass
+class DataConfig:
+    """Dataset, sizes and augmentation."""
+
+    dataset: Literal["generated", "coco", "ade20k"] = "generated"
+    root: str | None = None  # None = the dataset's default location
+    image_size: int = 128  # generated image side / training crop side; multiple of 32 (facts §5)
+    img_scale: list[int] | None = None  # [long, short] resize target, mmdet/mmseg style; None = no resize
+    ratio_range: list[float] | None = None  # random rescale of img_scale, [min, max]
+    size_divisor: int = 32  # pad to a multiple of this (facts §2, §5)
+    n_train: int | None = None  # None = the whole split
+    n_val: int | None = None
+    generator: dict[str, Any] = field(default_factory=dict)  # settings passed to the scene generator
+    batch_size: int = 16
+    num_workers: int = 0
+    flip: bool = True
+    crop: bool = False  # random crop to image_size x image_size
+    cat_max_ratio: float | None = None  # mmseg RandomCrop: max share of one class in a crop
+    photometric: bool = False
+    reduce_zero_label: bool = False  # ADE20K: label 0 ("other") becomes ignore
+    cache_in_memory: bool = False
+    test_mode: Literal["whole", "slide"] = "whole"
+    slide_stride: int | None = None  # sliding-window stride when test_mode == "slide" (facts §2: 341)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + warmup + step or poly schedule, all in iterations."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    layer_decay: float | None = None  # None = off; else the per-layer lr decay rate
+    # Substrings of parameter names that get no weight decay (facts §2).
+    no_decay: list[str] = field(default_factory=lambda: ["level_embed", "pos_embed", "norm", "bias"])
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-3  # lr starts at warmup_ratio * lr and rises linearly
+    schedule: Literal["step", "poly"] = "step"
+    # Iterations at which the step schedule multiplies the lr by gamma.
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    power: float = 1.0
+    min_lr: float = 0.0
+    clip_grad: float | None = None  # max grad norm; None = off
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, intervals, seed and execution settings."""
+
+    max_iters: int = 1000
+    eval_interval: int = 500
+    checkpoint_interval: int = 500
+    log_interval: int = 50
+    seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimiser step; batch_size is per micro-batch
+    amp: bool = False
+    threads: int | None = None  # torch intra-op threads; None = leave torch's default
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = True
+
+
+@dataclass
+class WeightsConfig:
+    """Backbone initialisation: a timm name, a URL or a local file (see engine/weights.py)."""
+
+    init: Literal["pretrained", "scratch"] = "scratch"
+    source: str | None = None
+    sha256: str | None = None
+    cache_dir: str = "weights"  # where fetched weights are stored as .safetensors
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (lists, not tuples) that YAML and JSON can write."""
+        return {f.name: _plain(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)}
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+# Model keys that are not create_model() overrides.
+_MODEL_NON_FLAGS = ("preset", "task")
+_HEADS_FOR_TASK: dict[str, tuple[str, ...]] = {"det": ("mask_rcnn",), "seg": ("upernet", "semfpn")}
+_DATASETS_FOR_TASK: dict[str, tuple[str, ...]] = {
+    "det": ("generated", "coco"),
+    "seg": ("generated", "ade20k"),
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YAML: PyYAML follows YAML 1.1, where `1e-4` is a string; accept it as a float (YAML 1.2) and reject
+# duplicate keys, which PyYAML would otherwise resolve silently to the last one.
+# ---------------------------------------------------------------------------------------------------------
+
+_FLOAT_12 = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class _Loader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text with the config loader; errors become a one-line ConfigError naming `source`."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split()).replace('in "<unicode string>", line', "at line")
+        raise ConfigError(f"{source}: invalid YAML: {detail}") from exc
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    data = parse_yaml(text, str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Type checking against the dataclass annotations
+# ---------------------------------------------------------------------------------------------------------
+
+_NOT = object()  # sentinel: value does not fit the type
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return `value` converted to `tp`, or _NOT. Ints are accepted for floats; bools never for numbers."""
+    if tp is Any:
+        return value
+    if tp is type(None):
+        return None if value is None else _NOT
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            out = _coerce(value, arm)
+            if out is not _NOT:
+                return out
+        return _NOT
+    if origin is Literal:
+        return value if any(type(value) is type(a) and value == a for a in args) else _NOT
+    if tp is bool:
+        return value if isinstance(value, bool) else _NOT
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NOT
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return float(value) if ok else _NOT
+    if tp is str:
+        return value if isinstance(value, str) else _NOT
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            return _NOT
+        items = [_coerce(v, args[0]) for v in value]
+        return _NOT if any(i is _NOT for i in items) else items
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            return _NOT
+        items = [_coerce(v, a) for v, a in zip(value, args)]
+        return _NOT if any(i is _NOT for i in items) else tuple(items)
+    if origin is dict:
+        return dict(value) if isinstance(value, dict) and all(isinstance(k, str) for k in value) else _NOT
+    raise TypeError(f"config schema uses an unsupported type {tp!r}")
+
+
+def _describe(tp: Any) -> str:
+    """Human wording of what a field accepts, e.g. "one of 'det', 'seg'" or "an int or null"."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        plural = {bool: "bools", int: "ints", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0], _describe(args[0]))}"
+    if origin is tuple:
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if origin is dict:
+        return "a mapping"
+    names = {bool: "a bool (true/false)", int: "an int", float: "a number", str: "a string"}
+    return names.get(tp, repr(tp))
+
+
+def _suggest(key: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(options)}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layering: each layer is checked for unknown keys as it is merged, and we remember which layer set each
+# leaf so that a type error later names the file (or --set) it came from.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _section_fields(section: str) -> dict[str, Any]:
+    return _hints(SECTIONS[section])
+
+
+def _merge_layer(base: dict[str, Any], layer: Mapping[str, Any], source: str, origins: dict[str, str]) -> None:
+    for section, values in layer.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section '{section}' in {source}{_suggest(str(section), list(SECTIONS))}")
+        if values is None:
+            continue  # an empty section in YAML ("model:") changes nothing
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"section '{section}' in {source} must be a mapping, got {type(values).__name__}")
+        known = _section_fields(section)
+        target = base.setdefault(section, {})
+        for key, value in values.items():
+            if key not in known:
+                dotted = f"{section}.{key}"
+                raise ConfigError(f"unknown key '{dotted}' in {source}{_suggest(str(key), list(known))}")
+            _merge_value(target, key, value, f"{section}.{key}", source, origins)
+
+
+def _merge_value(
+    target: dict[str, Any], key: str, value: Any, dotted: str, source: str, origins: dict[str, str]
+) -> None:
+    """Nested dicts merge key by key (e.g. data.generator); anything else replaces."""
+    if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+        for sub, sub_value in value.items():
+            _merge_value(target[key], sub, sub_value, f"{dotted}.{sub}", source, origins)
+        origins.setdefault(dotted, source)
+        return
+    target[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
+    origins[dotted] = source
+
+
+def parse_set(item: str) -> dict[str, Any]:
+    """`section.key[.sub]=value` -> nested dict; the value is YAML (`true`, `1e-4`, `[1, 2]`, `null`)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    dotted, raw = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: the key must be dotted as section.key, got {dotted.strip()!r}")
+    value: Any = parse_yaml(raw, f"--set {dotted.strip()}") if raw.strip() else ""
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def _build(data: Mapping[str, Any], origins: Mapping[str, str]) -> Config:
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        values = dict(data.get(name, {}))
+        kwargs: dict[str, Any] = {}
+        for key, tp in _section_fields(name).items():
+            if key not in values:
+                continue
+            dotted = f"{name}.{key}"
+            out = _coerce(values[key], tp)
+            if out is _NOT:
+                src = origins.get(dotted, "defaults")
+                raise ConfigError(f"{dotted} = {values[key]!r} (from {src}) is invalid: expected {_describe(tp)}")
+            kwargs[key] = out
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections)
+    _check_consistency(cfg, origins)
+    return cfg
+
+
+def _check_consistency(cfg: Config, origins: Mapping[str, str]) -> None:
+    """Cross-field rules a type cannot express; each error names the key and where it was set."""
+
+    def fail(dotted: str, why: str) -> None:
+        value = _get(cfg, dotted)
+        src = origins.get(dotted, "defaults")
+        raise ConfigError(f"{dotted} = {value!r} (from {src}) is invalid: {why}")
+
+    task = cfg.model.task
+    if cfg.head.type not in _HEADS_FOR_TASK[task]:
+        fail("head.type", f"task '{task}' needs one of {', '.join(_HEADS_FOR_TASK[task])}")
+    if cfg.data.dataset not in _DATASETS_FOR_TASK[task]:
+        fail("data.dataset", f"task '{task}' needs one of {', '.join(_DATASETS_FOR_TASK[task])}")
+    if cfg.data.image_size <= 0 or cfg.data.image_size % 32:
+        fail("data.image_size", "must be a positive multiple of 32 (facts §5)")
+    if cfg.data.test_mode == "slide" and not cfg.data.slide_stride:
+        fail("data.slide_stride", "test_mode 'slide' needs a positive stride")
+    for dotted in ("data.batch_size", "train.max_iters", "train.grad_accum", "head.num_classes"):
+        if _get(cfg, dotted) < 1:
+            fail(dotted, "must be >= 1")
+    for dotted in (
+        "train.eval_interval",
+        "train.checkpoint_interval",
+        "train.log_interval",
+        "optim.warmup_iters",
+    ):
+        if _get(cfg, dotted) < 0:
+            fail(dotted, "must be >= 0 (0 = off)")
+    if cfg.optim.lr <= 0:
+        fail("optim.lr", "must be > 0")
+    if not 0 < cfg.optim.warmup_ratio <= 1:
+        fail("optim.warmup_ratio", "must be in (0, 1]")
+    if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
+        fail("optim.layer_decay", "must be in (0, 1] or null")
+    ms = cfg.optim.milestones
+    if cfg.optim.schedule == "step" and ms and (ms != sorted(set(ms)) or ms[0] <= 0):
+        fail("optim.milestones", "must be strictly increasing positive iterations")
+    if cfg.weights.init == "pretrained" and not cfg.weights.source:
+        fail("weights.source", "init 'pretrained' needs a source (timm name, URL or path)")
+    sha = cfg.weights.sha256
+    if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+        fail("weights.sha256", "must be 64 lower-case hex digits or null")
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".", 1)
+    return getattr(getattr(cfg, section), key)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_path(name: str | Path, search: Sequence[Path]) -> Path:
+    """An existing path as given, else `<dir>/<name>.yaml` in the first search dir that has it."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.suffix == "" and len(path.parts) == 1:
+        for folder in search:
+            candidate = folder / f"{name}.yaml"
+            if candidate.is_file():
+                return candidate
+    where = ", ".join(str(d) for d in search)
+    raise ConfigError(f"config file '{name}' not found (as a path, nor as <name>.yaml in {where})")
+
+
+def load_config(
+    profile: str | Path | None,
+    overlays: Sequence[str | Path] = (),
+    sets: Sequence[str] = (),
+) -> Config:
+    """Defaults <- profile <- each overlay in order <- each `--set section.key=value`.
+
+    `profile` and overlays are paths or bare names (`cpu_default` -> experiments/cpu_default.yaml,
+    `n1` -> ablations/n1.yaml). Raises ConfigError for unknown keys, wrong types and inconsistent values.
+    """
+    data: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if profile is not None:
+        path = resolve_path(profile, [EXPERIMENTS_DIR])
+        _merge_layer(data, _read_yaml_mapping(path), str(path), origins)
+    for overlay in overlays:
+        path = resolve_path(overlay, [ABLATIONS_DIR, EXPERIMENTS_DIR])
+        _merge_layer(data, _read_yaml_mapping(path), str(path), origins)
+    for item in sets:
+        _merge_layer(data, parse_set(item), f"--set {item.split('=', 1)[0].strip()}", origins)
+    return _build(data, origins)
+
+
+def config_from_dict(d: Mapping[str, Any], source: str = "dict") -> Config:
+    """Build and validate a Config from a (possibly partial) nested dict, e.g. a saved config.yaml."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
+    data: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    _merge_layer(data, d, source, origins)
+    return _build(data, origins)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for sections, flow style for short lists (`betas: [0.9, 0.999]`), like the profiles."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    flat = all(not isinstance(v, dict | list) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text (section order kept, so it reads like a profile)."""
+    header = "# Resolved configuration (defaults + profile + overlays + --set); loadable as a profile.\n"
+    body = yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=110)
+    return header + body
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config.yaml atomically; returns the path."""
+    from vit_adapter.engine.rundir import atomic_write_text  # local: rundir imports torch lazily anyway
+
+    return atomic_write_text(path, dump_config(cfg))
+
+
+# Settings that change how a run executes, not what it computes; resume identity may ignore them so that an
+# interrupted run can continue on another machine (config_hash(cfg, exclude=EXECUTION_KEYS)).
+EXECUTION_KEYS = ("train.threads", "train.device", "train.log_interval", "data.num_workers", "data.root")
+
+
+def config_hash(cfg: Config, exclude: Sequence[str] = ()) -> str:
+    """Stable sha256 of the resolved config (key order and YAML formatting do not matter).
+
+    `exclude` lists dotted `section.key` names left out of the digest (e.g. EXECUTION_KEYS).
+    """
+    d = cfg.to_dict()
+    for dotted in exclude:
+        section, _, key = dotted.partition(".")
+        if section not in d or key not in d[section]:
+            raise ConfigError(f"config_hash: unknown key '{dotted}' in exclude")
+        del d[section][key]
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def model_overrides(cfg: Config) -> dict[str, Any]:
+    """The non-None model flags, for `create_model(cfg.model.preset, task=cfg.model.task, **overrides)`."""
+    flags = dataclasses.asdict(cfg.model)
+    return {k: v for k, v in flags.items() if k not in _MODEL_NON_FLAGS and v is not None}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# argparse glue for the CLI (kept here so every subcommand spells the options the same way)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Register --config, --overlay/--ablation and --set on a parser."""
+    parser.add_argument("--config", default="cpu_default", help="profile: path or name in experiments/")
+    parser.add_argument(
+        "--overlay",
+        "--ablation",
+        dest="overlays",
+        action="append",
+        default=[],
+        help="overlay applied after the profile (path or name in ablations/); repeatable, in order",
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one value (YAML-parsed); repeatable, applied last",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """load_config() from the options registered by add_config_args()."""
+    return load_config(args.config, args.overlays, args.sets)

@@ -1,0 +1,263 @@
+"""Atomic writes, the run-directory scheme, run metadata and determinism.
+
+Run-directory scheme (docs/config.md): a run works in ``<out>.partial/`` (config, logs, checkpoints) and is
+renamed to ``<out>`` only when it finished. So ``<out>`` existing means "complete"; a crash or kill leaves
+only ``<out>.partial/``, which the next start resumes from its latest checkpoint, provided the resolved config
+hash matches. A finished ``<out>`` is never overwritten unless asked, and even then the old one is kept
+until the new run has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PARTIAL_SUFFIX = ".partial"
+IDENTITY_FILE = "RUN_IDENTITY"  # holds the config hash inside the work dir
+_CKPT_RE = re.compile(r"^iter_(\d+)\.pt$")
+
+
+class RunDirError(RuntimeError):
+    """A run directory cannot be used as asked (finished already, other config, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic writes: temp file in the same directory (same filesystem), fsync, os.replace.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temp file beside `path`; on clean exit it replaces `path`, on error it is removed."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open supports modes 'wb' and 'w', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
+    """JSON with sorted keys and a trailing newline; NaN/inf are refused (not valid JSON)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save through a temp file, so a killed run never leaves a truncated checkpoint."""
+    import torch  # local: keep `import vit_adapter.engine.rundir` cheap
+
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run directory
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run's final location `out` and its work dir `<out>.partial` (everything is written there)."""
+
+    out: Path
+    resumed: bool = False
+
+    @property
+    def work(self) -> Path:
+        return self.out.with_name(self.out.name + PARTIAL_SUFFIX)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.work / "checkpoints"
+
+    def path(self, name: str) -> Path:
+        """A file inside the work dir (it moves to `out` on finalize)."""
+        return self.work / name
+
+    def checkpoint_path(self, iteration: int) -> Path:
+        return self.checkpoint_dir / f"iter_{iteration:08d}.pt"
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """(iteration, path) of complete checkpoints, oldest first; temp files are ignored."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoint_dir.iterdir() if (m := _CKPT_RE.match(p.name))]
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = self.checkpoints()
+        return ckpts[-1][1] if ckpts else None
+
+    def prune_checkpoints(self, keep: int) -> None:
+        """Delete all but the newest `keep` checkpoints (keep >= 1, so resume always has one)."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        for _, p in self.checkpoints()[:-keep]:
+            p.unlink(missing_ok=True)
+
+    def finalize(self) -> Path:
+        """Move the finished work dir to `out`. A previous `out` (overwrite) is removed only afterwards."""
+        if not self.work.is_dir():
+            raise RunDirError(f"nothing to finalize: {self.work} does not exist")
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f"{self.out.name}.replaced-{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(self.work, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+
+def open_run_dir(out: str | Path, identity: str, *, resume: bool = True, overwrite: bool = False) -> RunDir:
+    """Create or resume `<out>.partial/` for a run whose resolved config hashes to `identity`.
+
+    - `<out>` exists (finished): RunDirError unless `overwrite` (then the new run replaces it on finalize).
+    - `<out>.partial` exists: resumed if `resume` and its identity matches, else RunDirError on a mismatch;
+      with `resume=False` it is wiped and the run starts fresh.
+    """
+    run = RunDir(Path(out))
+    if run.out.exists() and not overwrite:
+        raise RunDirError(f"{run.out} holds a finished run; pass overwrite=True (--overwrite) to replace it")
+    id_file = run.work / IDENTITY_FILE
+    if run.work.exists():
+        if not resume:
+            shutil.rmtree(run.work)
+        else:
+            found = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None
+            if found != identity:
+                raise RunDirError(
+                    f"{run.work} belongs to another config (hash {found}, now {identity}); "
+                    "start fresh with resume=False (--no-resume) or pick another output directory"
+                )
+            return RunDir(run.out, resumed=True)
+    run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(id_file, identity + "\n")
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+def git_state(repo: Path = REPO_ROOT) -> dict[str, Any]:
+    """Commit hash (None before the first commit / outside git) and whether tracked or new files changed."""
+    commit = _git(["rev-parse", "--verify", "-q", "HEAD"], repo)
+    status = _git(["status", "--porcelain"], repo)
+    return {
+        "commit": commit.strip() if commit else None,
+        "dirty": None if status is None else bool(status.strip()),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_metadata(git: bool = True) -> dict[str, Any]:
+    """Everything needed to trace a number back to code and machine: git, versions, host, CPU/GPU, time."""
+    import torch
+
+    meta: dict[str, Any] = {
+        "utc_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "versions": {name: _version(name) for name in ("torch", "torchvision", "timm", "numpy", "safetensors")},
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    meta["versions"]["vit_adapter"] = _package_version()
+    if git:
+        meta["git"] = git_state()
+    return meta
+
+
+def _package_version() -> str:
+    from vit_adapter import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------------------------------------
+
+
+def set_determinism(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch; with `deterministic`, prefer deterministic kernels (warn, not fail)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        # cuBLAS needs this before its first use to be reproducible; harmless on CPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: ops without a deterministic kernel (e.g. grid_sample backward on CUDA) warn, not fail.
+    # Set both ways so that an earlier call in the same process does not leak into this run.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False  # detection inputs vary in size; autotuning would rerun often
