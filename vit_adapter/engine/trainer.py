@@ -42,6 +42,7 @@ class Hooks:
     """Deterministic interruption points for tests and the pipeline (no sleeps, no timing)."""
 
     after_iteration: Callable[[int], None] | None = None  # called with the 1-based iteration just finished
+    after_eval: Callable[[int, dict[str, Any]], None] | None = None  # (iteration, metrics) on rank 0; may raise
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -363,6 +364,8 @@ def train(
             if done % cfg.train.eval_interval == 0 or done == cfg.train.max_iters:
                 if d.main:
                     history.append({"iter": done, **evaluate(model, val_set, collate, cfg, device)})
+                    if hooks.after_eval is not None:
+                        hooks.after_eval(done, history[-1])
                 if d.world > 1:
                     dist.barrier()
             if done % cfg.train.checkpoint_interval == 0 or done == cfg.train.max_iters:

@@ -1,0 +1,192 @@
+"""The engine end to end on tiny generated data: overfitting, exact resume, determinism, bad input, parameter
+totals with heads (paper Tables 1, 6, 7)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vit_adapter.cli import main
+from vit_adapter.data import generate_dataset
+from vit_adapter.engine.config import load_config
+from vit_adapter.engine.trainer import Hooks, StopTraining, train
+
+BASELINE = [
+    "model.n_interactions=0",
+    "model.use_spm=false",
+    "model.injector=none",
+    "model.use_extractor=false",
+    "model.output_neck=baseline",
+]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "gen"
+    generate_dataset(root, n_train=8, n_val=4, image_size=64, seed=0, objects_per_image=(2, 3))
+    return root
+
+
+def tiny_sets(root: Path, task: str, iters: int = 20, extra: list[str] | None = None) -> list[str]:
+    sets = [
+        f"model.task={task}",
+        f"data.root={root}",
+        "data.image_size=64",
+        "data.n_train=4",
+        "data.n_val=4",
+        "data.batch_size=4",
+        "data.flip=false",  # one fixed batch, every iteration
+        "model.embed_dim=64",
+        "model.num_heads=2",
+        "model.deform_num_heads=2",
+        "model.conv_inplane=16",
+        "model.pretrain_size=64",
+        "model.drop_path_rate=0.0",
+        "optim.lr=1e-3",
+        "optim.warmup_iters=0",
+        "optim.milestones=[]",
+        f"train.max_iters={iters}",
+        f"train.eval_interval={iters}",
+        f"train.checkpoint_interval={max(1, iters // 2)}",
+        "train.log_interval=1",
+        "train.threads=1",
+    ]
+    if task == "seg":
+        sets += ["head.type=semfpn", "head.num_classes=11", "head.channels=32", "head.fpn_channels=32"]
+    else:
+        sets += ["head.type=mask_rcnn", "head.num_classes=10", "head.fpn_channels=32", "head.representation_size=64",
+                 "head.mask_channels=32", "head.mask_convs=1", "head.anchor_sizes=[8,16,32,64,128]",
+                 "head.rpn_batch_size_per_image=64", "head.box_batch_size_per_image=64"]
+    return sets + (extra or [])
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("task", ["seg", "det"])
+@pytest.mark.parametrize("variant", ["full", "baseline"])
+def test_overfit_one_batch_then_evaluate(tmp_path, data_root, task: str, variant: str) -> None:
+    cfg = load_config("cpu_default", [], tiny_sets(data_root, task, extra=BASELINE if variant == "baseline" else []))
+    out = tmp_path / "run"
+    result = train(cfg, out, progress=False)
+    losses = _losses(out)
+    assert len(losses) == 20 and losses[-1] < 0.9 * losses[0], losses
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result))  # what train() returned is what it wrote
+    keys = {"mIoU", "mAcc", "aAcc"} if task == "seg" else {"bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_75"}
+    assert keys <= set(metrics["final"]) and metrics["history"][-1]["iter"] == 20
+    if task == "seg":
+        assert 0 <= metrics["final"]["mIoU"] <= 100
+    costs = json.loads((out / "costs.json").read_text())
+    assert costs["params"]["total"] == sum(costs["params"][k] for k in ("vit", "adapter", "head"))
+    assert costs["flops_backbone_forward"] > 0 and costs["train_images_per_s"] > 0
+    assert (out / "config.yaml").is_file() and (out / "run.json").is_file()
+    assert not out.with_name("run.partial").exists()
+
+
+def test_resume_is_bit_exact_and_seed_is_deterministic(tmp_path, data_root) -> None:
+    # Flip on and 8 training images: the data order and the augmentations matter across the interruption.
+    sets = tiny_sets(data_root, "seg", iters=8, extra=["data.flip=true", "data.n_train=8", "train.eval_interval=4",
+                                                      "train.checkpoint_interval=4", "model.drop_path_rate=0.1"])
+    cfg = load_config("cpu_default", [], sets)
+    straight = tmp_path / "straight"
+    train(cfg, straight, progress=False)
+
+    def stop_after_first_epoch(it: int) -> None:  # 8 images / batch 4 = 2 iterations per epoch
+        if it == 4:
+            raise StopTraining("test interruption")
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(StopTraining):
+        train(cfg, resumed, progress=False, hooks=Hooks(after_iteration=stop_after_first_epoch))
+    assert resumed.with_name("resumed.partial").is_dir() and not resumed.exists()
+    train(cfg, resumed, progress=False)
+    assert (resumed / "metrics.json").read_bytes() == (straight / "metrics.json").read_bytes()
+    assert _losses(resumed) == _losses(straight)
+    assert json.loads((resumed / "run.json").read_text())["resumed_from_iteration"] == 4
+
+    again = tmp_path / "again"
+    train(cfg, again, progress=False)
+    assert (again / "metrics.json").read_bytes() == (straight / "metrics.json").read_bytes()
+
+
+def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, data_root, capsys) -> None:
+    out = tmp_path / "run"
+    base = ["train", "--config", "cpu_default", "--out", str(out), "--quiet"]
+    sets = [a for s in tiny_sets(data_root, "seg", iters=2) for a in ("--set", s)]
+
+    cases = {
+        "missing dataset": (["--set", f"data.root={tmp_path / 'nope'}"], "dataset directory not found"),
+        "unknown key": (["--set", "train.max_iter=3"], "train.max_iter"),
+        "N > depth": (["--set", "model.n_interactions=8"], "n_interactions"),
+    }
+    weights = tmp_path / "w.pth"
+    torch.save({"pos_embed": torch.zeros(1, 17, 64)}, weights)
+    cases["weights sha mismatch"] = (
+        ["--set", "weights.init=pretrained", "--set", f"weights.source={weights}", "--set", "weights.sha256=" + "0" * 64,
+         "--set", f"weights.cache_dir={tmp_path / 'cache'}"],
+        "sha256",
+    )
+    for name, (extra, needle) in cases.items():
+        code, err = _run_cli(base + sets + extra, capsys)
+        assert code == 2, name
+        assert needle in err and len(err.splitlines()) == 1, (name, err)
+        assert not out.exists() and not out.with_name("run.partial").exists(), name
+
+    # A checkpoint from another architecture: train a baseline, evaluate its checkpoint as the full model.
+    code, _ = _run_cli(base + sets + [a for s in BASELINE for a in ("--set", s)], capsys)
+    assert code == 0
+    ckpt = next((out / "checkpoints").glob("iter_*.pt"))
+    code, err = _run_cli(["eval", "--config", "cpu_default", *sets, "--checkpoint", str(ckpt)], capsys)
+    assert code == 2 and "another architecture" in err and len(err.splitlines()) == 1
+
+
+def _info(capsys, name: str, *sets: str) -> dict:
+    argv = ["info", name, "--task", "det", "--head", "mask_rcnn", "--json"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params"]
+
+
+# Paper Table 1 (ViT-Adapter / ViT + Mask R-CNN) and Tables 6-7 (ViT-S rows), facts §3.
+@pytest.mark.parametrize(
+    "name, sets, total_m",
+    [
+        ("vit_adapter_t", (), 28.1),
+        ("vit_adapter_s", (), 47.8),
+        ("vit_adapter_b", (), 120.2),
+        ("vit_t", (), 26.1),
+        ("vit_s", (), 43.8),
+        ("vit_b", (), 113.6),
+        ("vit_adapter_s", ("injector=add", "n_interactions=0", "use_extractor=false", "output_neck=baseline"), 45.1),
+        ("vit_adapter_s", ("use_extractor=false", "output_neck=baseline"), 46.6),
+        ("vit_adapter_s", ("attention=dense",), 50.3),
+        ("vit_adapter_s", ("n_interactions=1",), 45.5),
+        ("vit_adapter_s", ("n_interactions=2",), 46.2),
+        ("vit_adapter_s", ("n_interactions=6",), 49.4),
+    ],
+)
+def test_param_totals_with_mask_rcnn_match_paper(capsys, name: str, sets: tuple, total_m: float) -> None:
+    p = _info(capsys, name, *sets)
+    assert abs(p["total"] / 1e6 - total_m) < 0.2, p
+    assert p["head"] > 0 and p["total"] == p["vit"] + p["adapter"] + p["head"]
+
+
+def test_paper_profile_uses_80_coco_classes_plus_background() -> None:
+    from vit_adapter.engine.build import build_model
+
+    cfg = load_config("coco_maskrcnn_1x_s")
+    assert cfg.head.num_classes == 80
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 81
