@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..metrics import CocoMetric, SegMetric
 from .build import backbone_of, build_datasets, build_model, load_pretrained
-from .config import Config, config_hash, save_config
+from .config import EXECUTION_KEYS, Config, config_hash, save_config
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir, atomic_torch_save, atomic_write_json, open_run_dir, run_metadata, set_determinism
 
@@ -285,7 +285,7 @@ def train(
     backbone = backbone_of(model)
     optimizer = build_optimizer(model, cfg.optim, num_layers=backbone.depth)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_iters)
-    identity = config_hash(cfg)
+    identity = config_hash(cfg, exclude=EXECUTION_KEYS)  # resumable with other threads/device/paths
 
     run: RunDir | None = open_run_dir(out, identity, resume=resume, overwrite=overwrite) if d.main else None
     if d.world > 1:
@@ -326,7 +326,10 @@ def train(
         rows = [r for r in log_file.read_text(encoding="utf-8").splitlines() if json.loads(r)["iter"] <= start_it]
         log_file.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
     train_time, train_images = 0.0, 0
-    batches = iteration_batches(len(train_set), cfg.data.batch_size, seed, start_it, cfg.train.max_iters, d)
+    # data.batch_size is per micro-batch; one optimiser step sees batch_size * grad_accum images per rank.
+    batches = iteration_batches(
+        len(train_set), cfg.data.batch_size * cfg.train.grad_accum, seed, start_it, cfg.train.max_iters, d
+    )
     bar = tqdm(
         total=cfg.train.max_iters, initial=start_it, disable=not (progress and d.main), desc="train", leave=False
     )
@@ -337,14 +340,17 @@ def train(
             if epoch != current_epoch:
                 train_set.set_epoch(epoch)
                 current_epoch = epoch
-            batch = collate([train_set[i] for i in indices])
-            with _autocast(cfg, device):
-                losses = net(*to_device(batch, cfg.model.task, device))
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at iteration {it + 1}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            accum = cfg.train.grad_accum
+            micro = [indices[k::accum] for k in range(accum)]  # this rank's batch in `accum` micro-batches
+            for k, part in enumerate(micro):
+                sync = k == accum - 1 or d.world == 1
+                with nullcontext() if sync else net.no_sync(), _autocast(cfg, device):
+                    losses = net(*to_device(collate([train_set[i] for i in part]), cfg.model.task, device))
+                loss = losses["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at iteration {it + 1}")
+                (loss / accum).backward()
             if cfg.optim.clip_grad:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
             optimizer.step()

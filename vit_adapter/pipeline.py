@@ -1,0 +1,213 @@
+"""The steps that `dvc.yaml` runs, driven by `params.yaml`: data → weights → train+eval per {variant, seed} →
+compute-matched baseline. Aggregation, plots and the report live in `vit_adapter.analysis`.
+
+Each step is idempotent: a finished run directory whose resolved config is unchanged is kept, an interrupted one
+(``<run>.partial``) resumes from its checkpoint, anything else is retrained. So `dvc repro` after a kill -9
+continues where it stopped (the training stages declare their outputs ``persist: true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .engine.config import EXECUTION_KEYS, Config, config_hash, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+# `profile: paper` means the paper's ablation setting: ViT-Adapter-S, Mask R-CNN 1x on COCO (facts §3).
+PROFILE_ALIASES = {"paper": "coco_maskrcnn_1x_s"}
+
+
+def load_params(path: Path = REPO / "params.yaml") -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"params file not found: {path}")
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def profile_name(params: dict[str, Any]) -> str:
+    name = str(params.get("profile", "cpu_default"))
+    return PROFILE_ALIASES.get(name, name)
+
+
+def base_sets(params: dict[str, Any]) -> list[str]:
+    """Overrides every run gets: the profile's extra sets, pretrained weights and per-worker threads."""
+    sets = list(params.get("sets") or [])
+    prof = load_config(profile_name(params), [], sets)
+    if prof.data.dataset == "generated":
+        sets.append(f"data.root={params.get('data_root', 'data/generated')}")
+        sets += ["weights.init=pretrained", f"weights.source={params['pretrain']['out']}"]
+    sets.append(f"train.threads={params.get('threads_per_worker', 1)}")
+    return sets
+
+
+def variant_config(params: dict[str, Any], variant: str, seed: int, extra: Sequence[str] = ()) -> Config:
+    overlay = REPO / "ablations" / f"{variant}.yaml"
+    if not overlay.is_file():
+        raise FileNotFoundError(f"unknown variant {variant!r}: no {overlay.relative_to(REPO)}")
+    return load_config(profile_name(params), [overlay], [*base_sets(params), f"train.seed={seed}", *extra])
+
+
+# ---------------------------------------------------------------------------------------------------------
+def step_data(params: dict[str, Any]) -> int:
+    cfg = load_config(profile_name(params), [], params.get("sets") or [])
+    if cfg.data.dataset != "generated":
+        print(f"profile uses {cfg.data.dataset}: nothing to generate (see docs/paper_profile.md)")
+        return 0
+    from .data import generate_dataset
+
+    root = REPO / params.get("data_root", "data/generated")
+    generate_dataset(
+        root,
+        n_train=cfg.data.n_train or 0,
+        n_val=cfg.data.n_val or 0,
+        image_size=cfg.data.image_size,
+        seed=int(params.get("data_seed", 0)),
+        overwrite=True,
+        **dict(cfg.data.generator),
+    )
+    print(f"generated {cfg.data.n_train} + {cfg.data.n_val} images at {root}")
+    return 0
+
+
+def step_weights(params: dict[str, Any]) -> int:
+    """Offline default: pretrain the plain ViT; the paper profile fetches the official DeiT weights instead."""
+    cfg = load_config(profile_name(params), [], params.get("sets") or [])
+    if cfg.data.dataset != "generated":
+        from .engine.build import resolve_weights
+
+        print(f"weights: {resolve_weights(cfg)}")
+        return 0
+    from .engine.pretrain import pretrain
+
+    p = dict(params["pretrain"])
+    out = REPO / p.pop("out")
+    result = pretrain(out=out, **p)
+    print(json.dumps({k: result.get(k) for k in ("top1", "steps", "seconds")}))
+    return 0
+
+
+def _run_one(cfg: Config, out: Path) -> tuple[str, int]:
+    """Train one (variant, seed) in its own process (1 thread each: two 1-thread processes beat one 2-thread
+    process on this machine, cpu_budget.md). Returns (name, exit code)."""
+    identity = config_hash(cfg, exclude=EXECUTION_KEYS)
+    if out.is_dir() and (out / "metrics.json").is_file():
+        old = load_config(None, [out / "config.yaml"]) if (out / "config.yaml").is_file() else None
+        if old is not None and config_hash(old, exclude=EXECUTION_KEYS) == identity:
+            return out.name, 0  # finished with the same settings
+        shutil.rmtree(out)
+    partial = out.with_name(out.name + ".partial")
+    resume = partial.is_dir() and (partial / "RUN_IDENTITY").read_text().strip() == identity
+    cfg_file = out.with_name(out.name + ".config.yaml")
+    from .engine.config import save_config
+
+    save_config(cfg, cfg_file)
+    cmd = [sys.executable, "-m", "vit_adapter.cli", "train", "--config", str(cfg_file), "--out", str(out), "--quiet"]
+    if not resume:
+        cmd.append("--no-resume")
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.train.threads or 1)}
+    with open(out.with_name(out.name + ".stdout.log"), "w", encoding="utf-8") as log:
+        code = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if code == 0:
+        cfg_file.unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # results stay small; weights are not results
+    return out.name, code
+
+
+def train_runs(params: dict[str, Any], jobs: list[tuple[Config, Path]]) -> int:
+    workers = max(1, int(params.get("workers", 2)))
+    for _, out in jobs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda job: _run_one(*job), jobs))
+    failed = [name for name, code in results if code != 0]
+    if failed:
+        print(f"error: training failed for {', '.join(failed)} (see <run>.stdout.log)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def step_train(params: dict[str, Any], variant: str) -> int:
+    root = REPO / "results" / "runs" / variant
+    jobs = [(variant_config(params, variant, s), root / f"s{s}") for s in params.get("seeds", [0])]
+    code = train_runs(params, jobs)
+    _drop_stale(root, {out.name for _, out in jobs})
+    return code
+
+
+def step_compute_matched(params: dict[str, Any]) -> int:
+    """The ViT baseline trained for the full model's wall-clock time (same seeds): iterations scaled by the
+    measured ratio of seconds per iteration, schedule stretched with it."""
+    runs = REPO / "results" / "runs"
+    full = [_costs(runs / "full" / f"s{s}") for s in params.get("seeds", [0])]
+    base = [_costs(runs / "baseline" / f"s{s}") for s in params.get("seeds", [0])]
+    ratio = sum(c["train_s_per_iter"] for c in full) / sum(c["train_s_per_iter"] for c in base)
+    root = runs / "baseline_compute_matched"
+    jobs = []
+    for s in params.get("seeds", [0]):
+        cfg = variant_config(params, "baseline_compute_matched", s)
+        iters = max(1, round(cfg.train.max_iters * ratio))
+        k = iters / cfg.train.max_iters
+        extra = [
+            f"train.max_iters={iters}",
+            f"train.eval_interval={max(1, round(cfg.train.eval_interval * k))}",
+            f"train.checkpoint_interval={max(1, round(cfg.train.checkpoint_interval * k))}",
+            f"optim.warmup_iters={round(cfg.optim.warmup_iters * k)}",
+            f"optim.milestones={[round(m * k) for m in cfg.optim.milestones]}",
+        ]
+        jobs.append((variant_config(params, "baseline_compute_matched", s, extra), root / f"s{s}"))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "schedule.json").write_text(json.dumps({"time_ratio_full_over_baseline": ratio}, indent=2) + "\n")
+    code = train_runs(params, jobs)
+    _drop_stale(root, {out.name for _, out in jobs})
+    return code
+
+
+def _costs(run: Path) -> dict[str, Any]:
+    path = run / "costs.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}: train the 'full' and 'baseline' variants first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _drop_stale(root: Path, keep: set[str]) -> None:
+    """Seeds no longer in params.yaml leave the table (their run directories are removed)."""
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("s") and p.name.split(".")[0] not in keep:
+            shutil.rmtree(p)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vit_adapter.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["data", "weights", "train", "compute-matched"])
+    parser.add_argument("--variant", help="ablation overlay name (train step)")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        if args.step == "data":
+            return step_data(params)
+        if args.step == "weights":
+            return step_weights(params)
+        if args.step == "train":
+            if not args.variant:
+                raise ValueError("the train step needs --variant")
+            return step_train(params, args.variant)
+        return step_compute_matched(params)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"pipeline {args.step}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
