@@ -1,0 +1,345 @@
+"""Collect finished run directories into one table and summarise each variant with seed-paired statistics.
+
+A run directory is ``<runs>/<variant>-s<seed>/`` as written by ``vit_adapter.engine.trainer.train``:
+``config.yaml``, ``metrics.json``, ``costs.json`` (required here), ``log.jsonl`` and ``run.json`` (used by the
+plots and the report). Unfinished runs live in ``<name>.partial/`` and are skipped (they are not results).
+
+    python -m vit_adapter.analysis.aggregate --runs results/runs --out results [--metric mIoU]
+
+writes ``runs.csv`` (one row per run), ``summary.csv`` (one row per variant), the paper-mirroring tables
+(``vit_adapter.analysis.tables``) with their Markdown, and ``attention_cost.csv`` when the bench JSON exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from .stats import DEFAULT_BOOT_SEED, DEFAULT_N_BOOT, Interval, mean_interval
+
+RUN_NAME_RE = re.compile(r"^(?P<variant>[A-Za-z0-9_]+)-s(?P<seed>\d+)$")
+REQUIRED_FILES = ("config.yaml", "metrics.json", "costs.json")
+REFERENCE = "full"
+# Display order of the variants (paper tables first); unknown variants follow alphabetically.
+VARIANT_ORDER = (
+    "baseline",
+    "variant1_add",
+    "variant2_injector",
+    "full",
+    "no_spm",
+    "no_injector",
+    "n1",
+    "n2",
+    "n6",
+    "dense_attention",
+    "baseline_compute_matched",
+)
+# The structural switches recorded per run (ablation_variants.md): checked against the overlays when asked.
+MODEL_FLAGS = ("use_spm", "injector", "use_extractor", "extra_extractors", "output_neck", "attention", "n_interactions")
+DEFAULT_METRIC = {"seg": "mIoU", "det": "bbox_mAP"}
+DEFAULT_ABLATIONS = Path(__file__).resolve().parents[2] / "ablations"
+
+
+class RunFormatError(ValueError):
+    """A run directory that cannot be read; the message names the directory and what is wrong."""
+
+
+def variant_sort_key(variant: str) -> tuple[int, str]:
+    return (VARIANT_ORDER.index(variant), "") if variant in VARIANT_ORDER else (len(VARIANT_ORDER), variant)
+
+
+def _read_json(path: Path, run: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunFormatError(f"malformed run directory {run}: cannot read {path.name} ({err})") from err
+
+
+def _read_yaml(path: Path, run: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise RunFormatError(f"malformed run directory {run}: cannot read {path.name} ({err})") from err
+
+
+def _number(value: Any) -> float:
+    """JSON number or null → float (NaN for null: the engine writes NaN metrics as null)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
+
+
+def read_run(run: Path, *, overlays: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One run directory → a flat record (see ``collect_runs`` for the columns)."""
+    m = RUN_NAME_RE.match(run.name)
+    if m is None:
+        raise RunFormatError(f"malformed run directory {run}: name is not '<variant>-s<seed>'")
+    variant, seed = m.group("variant"), int(m.group("seed"))
+    missing = [f for f in REQUIRED_FILES if not (run / f).is_file()]
+    if missing:
+        raise RunFormatError(f"malformed run directory {run}: missing {', '.join(missing)}")
+    cfg = _read_yaml(run / "config.yaml", run)
+    metrics = _read_json(run / "metrics.json", run)
+    costs = _read_json(run / "costs.json", run)
+
+    def bad(why: str) -> RunFormatError:
+        return RunFormatError(f"malformed run directory {run}: {why}")
+
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(s), dict) for s in ("model", "train", "data")):
+        raise bad("config.yaml lacks the model/train/data sections of a resolved config")
+    if cfg["train"].get("seed") != seed:
+        raise bad(f"directory says seed {seed} but config.yaml has train.seed={cfg['train'].get('seed')!r}")
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("final"), dict) or not metrics["final"]:
+        raise bad("metrics.json has no non-empty 'final' mapping")
+    if not isinstance(metrics.get("history", []), list):
+        raise bad("metrics.json 'history' is not a list")
+    params = costs.get("params") if isinstance(costs, dict) else None
+    if not isinstance(params, dict) or not all(k in params for k in ("vit", "adapter", "head", "total")):
+        raise bad("costs.json lacks params.{vit,adapter,head,total}")
+    if overlays is not None and variant in overlays:
+        for key, want in overlays[variant].items():
+            if cfg["model"].get(key) != want:
+                raise bad(f"model.{key}={cfg['model'].get(key)!r} but ablations/{variant}.yaml sets {want!r}")
+
+    rec: dict[str, Any] = {"variant": variant, "seed": seed, "run": run.name}
+    model = cfg["model"]
+    rec["task"] = model.get("task")
+    rec["preset"] = model.get("preset")
+    for key in MODEL_FLAGS:
+        rec[key] = model.get(key)
+    rec["max_iters"] = cfg["train"].get("max_iters")
+    rec["n_iters"] = metrics.get("iterations", rec["max_iters"])
+    rec["image_size"] = cfg["data"].get("image_size")
+    rec["batch_size"] = cfg["data"].get("batch_size")
+    try:
+        for key in ("vit", "adapter", "head", "total"):
+            rec[f"params_{key}"] = int(params[key])
+        rec["flops_backbone"] = _number(costs.get("flops_backbone_forward"))
+        rec["s_per_iter"] = _number(costs.get("train_s_per_iter"))
+        rec["images_per_s"] = _number(costs.get("train_images_per_s"))
+        rec["peak_memory_mb"] = _number(costs.get("peak_memory_mb"))
+        rec["wall_time_s"] = _number(costs.get("wall_time_s"))
+        # Scalar final metrics only (per-class lists such as IoU_per_class stay in metrics.json).
+        final = {k: v for k, v in metrics["final"].items() if not isinstance(v, list | dict | str)}
+        for key, value in final.items():
+            rec[key] = _number(value)
+    except (TypeError, ValueError) as err:
+        raise bad(f"non-numeric value in metrics.json/costs.json ({err})") from err
+    rec["threads"] = costs.get("threads")
+    rec["device"] = costs.get("device")
+    rec["_metrics"] = sorted(final)
+    return rec
+
+
+def load_overlays(ablations_dir: Path) -> dict[str, dict[str, Any]]:
+    """The structural flags each overlay sets, for checking that a run directory's name matches its config."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(ablations_dir).glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        model = raw.get("model") if isinstance(raw, dict) else None
+        if isinstance(model, dict):
+            out[path.stem] = {k: v for k, v in model.items() if k in MODEL_FLAGS}
+    return out
+
+
+def collect_runs(runs_dir: str | Path, *, ablations_dir: str | Path | None = None) -> pd.DataFrame:
+    """One row per finished run: variant, seed, run, task, preset, the structural flags, max_iters, n_iters,
+    image_size, batch_size, params_{vit,adapter,head,total}, flops_backbone, s_per_iter, images_per_s,
+    peak_memory_mb, wall_time_s, threads, device and every scalar final metric (same names as metrics.json).
+
+    ``df.attrs`` holds ``metrics`` (metric columns), ``task`` and ``skipped`` (unfinished ``.partial`` dirs).
+    Raises RunFormatError (naming the directory) for a malformed run and FileNotFoundError/ValueError when
+    ``runs_dir`` is missing, holds no finished run, or mixes tasks. With ``ablations_dir``, each run's model flags
+    must equal its overlay's (a mislabelled run would silently land in the wrong table row).
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs directory {root} does not exist")
+    overlays = load_overlays(Path(ablations_dir)) if ablations_dir is not None else None
+    records, skipped = [], []
+    for child in sorted(root.iterdir()):
+        if not child.is_dir() or child.name.startswith("."):
+            continue
+        if "." in child.name:  # <name>.partial (unfinished) or <name>.replaced-<pid> (being overwritten)
+            skipped.append(child.name)
+            continue
+        records.append(read_run(child, overlays=overlays))
+    if not records:
+        raise ValueError(f"no finished run directories ('<variant>-s<seed>/') in {root}")
+    tasks = sorted({str(r["task"]) for r in records})
+    if len(tasks) != 1:
+        raise ValueError(f"runs in {root} mix tasks {tasks}; aggregate one task at a time")
+    metric_names = sorted({m for r in records for m in r.pop("_metrics")})
+    records.sort(key=lambda r: (variant_sort_key(r["variant"]), r["seed"]))
+    df = pd.DataFrame.from_records(records)
+    dup = df[df.duplicated(["variant", "seed"], keep=False)]
+    if len(dup):
+        raise ValueError(f"duplicate (variant, seed) runs in {root}: {sorted(dup['run'])}")
+    df.attrs.update(metrics=metric_names, task=tasks[0], skipped=skipped)
+    return df
+
+
+def default_metric(df: pd.DataFrame) -> str:
+    task = df.attrs.get("task") or str(df["task"].iloc[0])
+    return DEFAULT_METRIC.get(task, "mIoU")
+
+
+def paired_differences(df: pd.DataFrame, metric: str, variant: str, reference: str) -> pd.Series:
+    """metric(variant) − metric(reference) for each seed both have (NaN metrics dropped), indexed by seed."""
+    a = df.loc[df["variant"] == variant, ["seed", metric]].dropna().set_index("seed")[metric]
+    b = df.loc[df["variant"] == reference, ["seed", metric]].dropna().set_index("seed")[metric]
+    common = a.index.intersection(b.index).sort_values()
+    return (a.loc[common] - b.loc[common]).astype(float)
+
+
+def paired_delta(
+    df: pd.DataFrame,
+    metric: str,
+    variant: str,
+    reference: str = REFERENCE,
+    *,
+    conf: float = 0.95,
+    n_boot: int = DEFAULT_N_BOOT,
+    boot_seed: int = DEFAULT_BOOT_SEED,
+) -> Interval:
+    """Mean paired difference with its CI: t-interval for < 10 pairs, percentile bootstrap from 10 pairs."""
+    return mean_interval(paired_differences(df, metric, variant, reference).to_numpy(), conf, n_boot, boot_seed)
+
+
+def _first(values: pd.Series) -> float:
+    v = values.dropna()
+    return float(v.iloc[0]) if len(v) else math.nan
+
+
+def summarise(
+    df: pd.DataFrame,
+    metric: str,
+    *,
+    reference: str = REFERENCE,
+    conf: float = 0.95,
+    n_boot: int = DEFAULT_N_BOOT,
+    boot_seed: int = DEFAULT_BOOT_SEED,
+) -> pd.DataFrame:
+    """Per variant (rows in display order): n, seeds, mean, std (ddof=1), min, max of ``metric``; delta = mean
+    of the seed-paired differences variant − ``reference`` with delta_lo/delta_hi (``conf`` CI), delta_n pairs
+    and ci_method; params (M), FLOPs (G), s/iter (mean, std), peak memory (MB), wall time (s), n_iters."""
+    if metric not in df.columns:
+        raise KeyError(f"metric {metric!r} not in the runs; available: {', '.join(df.attrs.get('metrics', []))}")
+    rows = []
+    for variant in sorted(df["variant"].unique(), key=variant_sort_key):
+        g = df[df["variant"] == variant]
+        vals = g[metric].dropna().astype(float)
+        n = len(vals)
+        row: dict[str, Any] = {
+            "variant": variant,
+            "metric": metric,
+            "n": n,
+            "seeds": " ".join(str(s) for s in g.loc[vals.index, "seed"]),
+            "mean": float(vals.mean()) if n else math.nan,
+            "std": float(vals.std(ddof=1)) if n >= 2 else math.nan,
+            "min": float(vals.min()) if n else math.nan,
+            "max": float(vals.max()) if n else math.nan,
+        }
+        if variant == reference:
+            row.update(delta=0.0, delta_lo=math.nan, delta_hi=math.nan, delta_n=n, ci_method="reference")
+        elif (df["variant"] == reference).any():
+            ci = paired_delta(df, metric, variant, reference, conf=conf, n_boot=n_boot, boot_seed=boot_seed)
+            row.update(delta=ci.estimate, delta_lo=ci.lo, delta_hi=ci.hi, delta_n=ci.n, ci_method=ci.method)
+        else:
+            row.update(delta=math.nan, delta_lo=math.nan, delta_hi=math.nan, delta_n=0, ci_method="none")
+        row.update(
+            conf=conf,
+            params_total_M=_first(g["params_total"]) / 1e6,
+            params_backbone_M=(_first(g["params_vit"]) + _first(g["params_adapter"])) / 1e6,
+            params_adapter_M=_first(g["params_adapter"]) / 1e6,
+            flops_G=_first(g["flops_backbone"]) / 1e9,
+            s_per_iter=float(g["s_per_iter"].mean()),
+            s_per_iter_std=float(g["s_per_iter"].std(ddof=1)) if len(g) >= 2 else math.nan,
+            peak_memory_mb=float(g["peak_memory_mb"].mean()),
+            wall_time_s=float(g["wall_time_s"].mean()),
+            n_iters=_first(g["n_iters"]),
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    """CSV with a fixed float format (stable bytes across runs), written atomically."""
+    from vit_adapter.engine.rundir import atomic_write_text
+
+    return atomic_write_text(path, df.to_csv(index=False, float_format="%.12g", lineterminator="\n"))
+
+
+def run_aggregate(
+    runs_dir: Path,
+    out_dir: Path,
+    *,
+    metric: str | None = None,
+    paper_path: Path | None = None,
+    attention_json: Path | None = None,
+    ablations_dir: Path | None = None,
+    n_boot: int = DEFAULT_N_BOOT,
+) -> list[Path]:
+    """runs.csv, summary.csv, the tables (+ tables.md) and attention_cost.csv (if the bench JSON exists)."""
+    from . import tables
+
+    df = collect_runs(runs_dir, ablations_dir=ablations_dir)
+    metric = metric or default_metric(df)
+    summary = summarise(df, metric, n_boot=n_boot)
+    paper = tables.load_paper_numbers(paper_path)
+    written = [write_csv(df, out_dir / "runs.csv"), write_csv(summary, out_dir / "summary.csv")]
+    written += tables.write_tables(df, summary, paper, out_dir, metric)
+    attention_json = attention_json if attention_json is not None else out_dir / "attention_cost.json"
+    if attention_json.is_file():
+        written.append(tables.write_attention_cost(attention_json, out_dir / "attention_cost.csv"))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vit_adapter.analysis.aggregate", description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=Path, default=Path("results/runs"), help="directory of <variant>-s<seed>/ runs")
+    p.add_argument("--out", type=Path, default=Path("results"), help="where the CSV/Markdown tables go")
+    p.add_argument("--metric", default=None, help="primary metric (default: mIoU for seg, bbox_mAP for det)")
+    p.add_argument("--paper", type=Path, default=None, help="paper numbers YAML (default ablations/paper_numbers.yml)")
+    p.add_argument("--attention-json", type=Path, default=None, help="bench/attention_cost.py output (optional)")
+    p.add_argument(
+        "--ablations",
+        type=Path,
+        default=DEFAULT_ABLATIONS if DEFAULT_ABLATIONS.is_dir() else None,
+        help="check each run's model flags against the overlay its name claims (default: the repo's ablations/)",
+    )
+    p.add_argument("--no-check", dest="ablations", action="store_const", const=None, help="skip that check")
+    p.add_argument("--n-boot", type=int, default=DEFAULT_N_BOOT, help="bootstrap resamples (n >= 10 pairs)")
+    args = p.parse_args(argv)
+    try:
+        written = run_aggregate(
+            args.runs,
+            args.out,
+            metric=args.metric,
+            paper_path=args.paper,
+            attention_json=args.attention_json,
+            ablations_dir=args.ablations,
+            n_boot=args.n_boot,
+        )
+    except (RunFormatError, FileNotFoundError, ValueError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""Figures for the ablation report (PNG, Agg) and small CSVs for ``dvc plots``, all read from result files.
+
+    python -m vit_adapter.analysis.plots --results results --out reports/figures [--runs results/runs]
+
+Reads what ``aggregate`` wrote (``runs.csv``, ``summary.csv``, the table CSVs, ``attention_cost.csv``), the
+runs' ``log.jsonl``/``metrics.json`` (training curves) and ``ablations/paper_numbers.yml`` (the paper's curves).
+Our metric and the paper's APb/APm are on different tasks and scales, so they are never drawn on one axis: every
+comparison is two side-by-side panels, each labelled with its source. PNGs carry no software/time metadata, so
+re-running on the same inputs gives identical bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from vit_adapter.engine.rundir import atomic_write_bytes  # noqa: E402
+
+from .aggregate import variant_sort_key, write_csv  # noqa: E402
+from .tables import TABLES, TableSpec, load_paper_numbers  # noqa: E402
+
+OURS_COLOR, PAPER_COLORS = "#4C72B0", ("#DD8452", "#C44E52")
+PAPER_LABEL = "paper: ViT-S + Mask R-CNN 1×, COCO val2017"
+
+
+def _style() -> None:
+    plt.rcParams.update({"figure.dpi": 100, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3})
+    plt.rcParams["svg.hashsalt"] = "vit-adapter"  # only matters for SVG; PNG is deterministic already
+
+
+def save_png(fig: plt.Figure, path: Path) -> Path:
+    """Render to memory and write atomically; no Software/time metadata, so the bytes are reproducible."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _wrap(labels: Sequence[str], width: int = 16) -> list[str]:
+    return [textwrap.fill(str(s), width) for s in labels]
+
+
+def _metric_of(summary: pd.DataFrame) -> str:
+    return str(summary["metric"].iloc[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Table bar charts
+
+
+def plot_table(table: pd.DataFrame, spec: TableSpec, runs: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Left: ours (mean ± std bars, one dot per seed). Right: the paper's APb/APm (different task and scale).
+    Table 7 gets a third panel: dense/deformable cost ratios, ours vs the paper's."""
+    n_panels = 3 if spec.name in ("table7_attention", "compute_matched") else 2
+    fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 3.8), layout="constrained")
+    x = np.arange(len(table))
+    labels = _wrap(table["row"])
+    ax = axes[0]
+    axis_y = ax.get_xaxis_transform()  # x in data, y in axes fraction: labels stay visible when zoomed
+    means, stds = table[f"{metric}_mean"].to_numpy(float), table[f"{metric}_std"].fillna(0).to_numpy(float)
+    ax.bar(x, np.nan_to_num(means), yerr=stds, color=OURS_COLOR, alpha=0.8, capsize=4, label="mean ± std")
+    for i, variant in enumerate(table["variant"]):
+        seeds = runs.loc[runs["variant"] == variant, metric].dropna().to_numpy(float)
+        ax.plot(np.full(seeds.shape, i), seeds, "k.", ms=4, label="seeds" if i == 0 else None)
+        if len(seeds) == 0:
+            ax.text(i, 0.02, "not run", ha="center", va="bottom", rotation=90, fontsize=8, transform=axis_y)
+    _zoom(ax, np.concatenate([means - stds, means + stds, runs.loc[runs["variant"].isin(table["variant"]), metric]]))
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel(f"ours: {metric}")
+    ax.set_title(f"ours ({metric}, mean ± std over seeds)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+
+    ax = axes[1]
+    w = 0.38
+    for j, m in enumerate(("APb", "APm")):
+        vals = table[f"paper_{m}"].to_numpy(float)
+        ax.bar(x + (j - 0.5) * w, np.nan_to_num(vals), w, color=PAPER_COLORS[j], label=f"paper {m}")
+        for i, v in enumerate(vals):
+            if math.isnan(v) and j == 0:
+                ax.text(i, 0.02, "no paper number", ha="center", va="bottom", rotation=90, fontsize=7,
+                        transform=ax.get_xaxis_transform())  # fmt: skip
+    _zoom(ax, table[["paper_APb", "paper_APm"]].to_numpy(float).ravel())
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("paper: AP (%)")
+    ax.set_title(textwrap.fill(PAPER_LABEL, 40), fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+
+    if spec.name == "table7_attention":
+        _cost_ratio_panel(axes[2], table)
+    elif spec.name == "compute_matched":
+        ax = axes[2]
+        ax.bar(x, table["wall_time_s"].fillna(0), color=OURS_COLOR, alpha=0.8)
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_ylabel("ours: wall-clock per run (s, mean)")
+        ax.set_title("training budget (ours)", fontsize=9)
+    fig.suptitle(spec.title, fontsize=10)
+    return save_png(fig, path)
+
+
+def _zoom(ax: plt.Axes, values: np.ndarray) -> None:
+    """Bars whose differences are small next to their height: start the y axis near the data (the axis label
+    says so), not at 0, so that the differences the tables report are visible."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return
+    lo, hi = float(v.min()), float(v.max())
+    pad = 0.15 * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 1e-3)
+    bottom = lo - 3 * pad if lo - 3 * pad > 0 else 0.0
+    ax.set_ylim(bottom, hi + pad)
+    if bottom > 0:
+        ax.annotate(f"axis starts at {bottom:.3g}", (0.01, 0.99), xycoords="axes fraction", va="top", fontsize=6)
+
+
+def _cost_ratio_panel(ax: plt.Axes, table: pd.DataFrame) -> None:
+    """dense/deformable ratio of each cost, ours next to the paper's (1.0 = equal cost)."""
+    t = table.set_index("variant")
+    pairs = [
+        ("FLOPs", "flops_G", "paper_flops_G"),
+        ("train time", "s_per_iter", "paper_train_time_s"),
+        ("memory", "peak_memory_mb", "paper_memory_G"),
+    ]
+    x = np.arange(len(pairs))
+    ours, paper = [], []
+    for _, o, p in pairs:
+        ok = {"full", "dense_attention"} <= set(t.index)
+        ours.append(float(t.loc["dense_attention", o] / t.loc["full", o]) if ok else math.nan)
+        paper.append(float(t.loc["dense_attention", p] / t.loc["full", p]) if ok else math.nan)
+    ax.bar(x - 0.2, np.nan_to_num(ours), 0.4, color=OURS_COLOR, label="ours")
+    ax.bar(x + 0.2, np.nan_to_num(paper), 0.4, color=PAPER_COLORS[0], label="paper")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(x, [p[0] for p in pairs])
+    ax.set_ylabel("dense / deformable")
+    ax.set_title("cost ratio (ours: backbone FLOPs, s/iter, peak RSS)", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metric vs N
+
+
+def paper_curve(paper: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    rows = [
+        {"N": paper[v]["N"], "APb": paper[v]["APb"], "APm": paper[v]["APm"], "variant": v}
+        for v in ("baseline", "n1", "n2", "full", "n6")
+        if v in paper and paper[v]["APb"] is not None
+    ]
+    return pd.DataFrame(rows).sort_values("N").reset_index(drop=True)
+
+
+def plot_metric_vs_n(
+    table: pd.DataFrame, runs: pd.DataFrame, paper: dict[str, dict[str, Any]], metric: str, path: Path
+) -> Path:
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.4, 3.4), layout="constrained")
+    t = table[table["n"] > 0].sort_values("N")
+    ax.errorbar(t["N"], t[f"{metric}_mean"], yerr=t[f"{metric}_std"].fillna(0), fmt="o-", color=OURS_COLOR, capsize=4)
+    for n_val, variant in zip(t["N"], t["variant"]):
+        seeds = runs.loc[runs["variant"] == variant, metric].dropna().to_numpy(float)
+        ax.plot(np.full(seeds.shape, n_val), seeds, "k.", ms=4)
+    ax.set_xlabel("number of interactions N (0 = ViT baseline)")
+    ax.set_ylabel(f"ours: {metric}")
+    ax.set_title(f"ours ({metric}, mean ± std, dots = seeds)", fontsize=9)
+    pc = paper_curve(paper)
+    for j, m in enumerate(("APb", "APm")):
+        bx.plot(pc["N"], pc[m], "s-", color=PAPER_COLORS[j], label=f"paper {m}")
+    bx.set_xlabel("number of interactions N")
+    bx.set_ylabel("paper: AP (%)")
+    bx.set_title(textwrap.fill(PAPER_LABEL, 40), fontsize=9)
+    bx.legend(fontsize=7)
+    ticks = sorted(set(pc["N"]) | set(t["N"]))
+    for a in (ax, bx):
+        a.set_xticks(ticks)
+    fig.suptitle("Metric vs number of interactions (paper Table 6, right)", fontsize=10)
+    return save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training curves
+
+
+def read_log(run_dir: Path) -> pd.DataFrame:
+    """log.jsonl → iter, loss (other logged columns kept); empty frame if absent."""
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return pd.DataFrame(columns=["iter", "loss"])
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return pd.DataFrame(rows)
+
+
+def read_history(run_dir: Path, metric: str) -> pd.DataFrame:
+    data = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    rows = [{"iter": h["iter"], metric: h.get(metric)} for h in data.get("history", []) if "iter" in h]
+    return pd.DataFrame(rows, columns=["iter", metric]).astype(float)
+
+
+def curves(runs: pd.DataFrame, runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long tables (variant, iter, mean, std, n_seeds) of the training loss and the eval metric; the mean at an
+    iteration is over the seeds that logged it."""
+    loss_rows, eval_rows = [], []
+    for variant in sorted(runs["variant"].unique(), key=variant_sort_key):
+        names = runs.loc[runs["variant"] == variant, "run"]
+        logs = [read_log(runs_dir / n)[["iter", "loss"]].assign(run=n) for n in names]
+        hist = [read_history(runs_dir / n, metric).assign(run=n) for n in names]
+        for frames, col, out in ((logs, "loss", loss_rows), (hist, metric, eval_rows)):
+            df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else None
+            if df is None:
+                continue
+            g = df.groupby("iter")[col]
+            agg = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n_seeds": g.count()}).reset_index()
+            out.append(agg.assign(variant=variant)[["variant", "iter", "mean", "std", "n_seeds"]])
+    cols = ["variant", "iter", "mean", "std", "n_seeds"]
+    loss = pd.concat(loss_rows, ignore_index=True) if loss_rows else pd.DataFrame(columns=cols)
+    ev = pd.concat(eval_rows, ignore_index=True) if eval_rows else pd.DataFrame(columns=cols)
+    return loss, ev
+
+
+def plot_train_curves(loss: pd.DataFrame, ev: pd.DataFrame, metric: str, path: Path) -> Path:
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    cmap = plt.get_cmap("tab20")
+    for i, variant in enumerate(sorted(set(loss["variant"]) | set(ev["variant"]), key=variant_sort_key)):
+        color = cmap(i % 20)
+        for a, df in ((ax, loss), (bx, ev)):
+            d = df[df["variant"] == variant]
+            if not len(d):
+                continue
+            a.plot(d["iter"], d["mean"], "-" if a is ax else "o-", color=color, lw=1.2, ms=3, label=variant)
+            s = d["std"].fillna(0).to_numpy(float)
+            a.fill_between(d["iter"], d["mean"] - s, d["mean"] + s, color=color, alpha=0.15, lw=0)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss (mean ± std over seeds)")
+    ax.set_title("training loss (log.jsonl)", fontsize=9)
+    bx.set_xlabel("iteration")
+    bx.set_ylabel(f"validation {metric} (mean ± std)")
+    bx.set_title(f"validation {metric} (metrics.json history)", fontsize=9)
+    bx.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cost vs accuracy, attention cost, pretraining
+
+
+def plot_cost_vs_metric(summary: pd.DataFrame, path: Path) -> Path:
+    metric = _metric_of(summary)
+    s = summary[summary["n"] > 0]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    for ax, col, err, label in (
+        (axes[0], "s_per_iter", "s_per_iter_std", "training time per iteration (s, mean ± std)"),
+        (axes[1], "flops_G", None, "backbone forward GFLOPs (grid_sample not counted)"),
+    ):
+        xerr = s[err].fillna(0) if err else None
+        ax.errorbar(s[col], s["mean"], xerr=xerr, yerr=s["std"].fillna(0), fmt="o", color=OURS_COLOR, capsize=3)
+        for _, r in s.iterrows():
+            ax.annotate(r["variant"], (r[col], r["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{metric} (mean ± std)")
+    fig.suptitle("Cost vs accuracy (ours)", fontsize=10)
+    return save_png(fig, path)
+
+
+def plot_attention_cost(df: pd.DataFrame, path: Path) -> Path:
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    for j, kind in enumerate(("deformable", "dense")):
+        d = df[df["attention"] == kind].sort_values("size")
+        yerr = np.vstack([d["median_ms"] - d["q25_ms"], d["q75_ms"] - d["median_ms"]])
+        ax.errorbar(d["size"], d["median_ms"], yerr=yerr, fmt="o-", capsize=3, color=PAPER_COLORS[j], label=kind)
+        bx.plot(d["size"], d["peak_mem_mb"], "o-", color=PAPER_COLORS[j], label=kind)
+    for a, ylabel in ((ax, "forward+backward ms (median, IQR)"), (bx, "peak extra CPU memory (MB)")):
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.set_xticks(sorted(df["size"].unique()), [str(int(s)) for s in sorted(df["size"].unique())])
+        a.set_xlabel("input side (px)")
+        a.set_ylabel(ylabel)
+        a.legend(fontsize=7)
+    fig.suptitle("Injector + extractor cross-attention cost vs input size (bench/attention_cost.py)", fontsize=10)
+    return save_png(fig, path)
+
+
+def plot_pretrain(meta: dict[str, Any], path: Path) -> Path:
+    hist = pd.DataFrame(meta.get("history", []))
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), layout="constrained")
+    if len(hist):
+        ax.plot(hist["step"], hist["train_loss"], color=OURS_COLOR, label="train loss")
+        bx = ax.twinx()
+        bx.plot(hist["step"], hist["train_top1"], color=PAPER_COLORS[0], label="train top-1")
+        if meta.get("top1") is not None:
+            bx.axhline(float(meta["top1"]), color=PAPER_COLORS[1], ls="--", label=f"val top-1 {meta['top1']:.3f}")
+        bx.set_ylabel("top-1 (fraction)")
+        bx.legend(fontsize=7, loc="center right")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title("Stand-in ViT pretraining (the run's JSON sidecar)", fontsize=9)
+    return save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_plots(
+    results_dir: Path,
+    out_dir: Path,
+    *,
+    runs_dir: Path | None = None,
+    paper_path: Path | None = None,
+    pretrain_json: Path | None = None,
+) -> list[Path]:
+    """Every figure into ``out_dir`` and the dvc-plots CSVs into ``<results>/plots/``; returns all paths."""
+    _style()
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    runs_dir = Path(runs_dir) if runs_dir is not None else results_dir / "runs"
+    for name in ("runs.csv", "summary.csv"):
+        if not (results_dir / name).is_file():
+            raise FileNotFoundError(f"{results_dir / name} not found; run vit_adapter.analysis.aggregate first")
+    runs = pd.read_csv(results_dir / "runs.csv")
+    summary = pd.read_csv(results_dir / "summary.csv")
+    paper = load_paper_numbers(paper_path)
+    metric = _metric_of(summary)
+    plots_dir = results_dir / "plots"
+    written: list[Path] = []
+    for spec in TABLES:
+        table = pd.read_csv(results_dir / f"{spec.name}.csv")
+        written.append(plot_table(table, spec, runs, metric, out_dir / f"{spec.name}.png"))
+    inter = pd.read_csv(results_dir / "table6_interactions.csv")
+    written.append(plot_metric_vs_n(inter, runs, paper, metric, out_dir / "metric_vs_n.png"))
+    ours_n = inter[inter["n"] > 0][["N", "variant", f"{metric}_mean", f"{metric}_std", "n"]].sort_values("N")
+    written.append(write_csv(ours_n, plots_dir / "metric_vs_n.csv"))
+    written.append(write_csv(paper_curve(paper), plots_dir / "paper_metric_vs_n.csv"))
+
+    loss, ev = curves(runs, runs_dir, metric)
+    written.append(plot_train_curves(loss, ev, metric, out_dir / "train_curves.png"))
+    written.append(write_csv(loss, plots_dir / "train_curves.csv"))
+    written.append(write_csv(ev, plots_dir / "eval_curves.csv"))
+    for variant, d in loss.groupby("variant", sort=True):  # one file per variant: dvc overlays files as lines
+        written.append(
+            write_csv(d[["iter", "mean"]].rename(columns={"mean": "loss"}), plots_dir / "train_loss" / f"{variant}.csv")
+        )
+
+    written.append(plot_cost_vs_metric(summary, out_dir / "cost_vs_metric.png"))
+    cost_cols = ["variant", "s_per_iter", "s_per_iter_std", "flops_G", "peak_memory_mb", "mean", "std", "n"]
+    written.append(write_csv(summary[summary["n"] > 0][cost_cols], plots_dir / "cost_vs_metric.csv"))
+
+    if (results_dir / "attention_cost.csv").is_file():
+        att = pd.read_csv(results_dir / "attention_cost.csv")
+        written.append(plot_attention_cost(att, out_dir / "attention_cost.png"))
+    if pretrain_json is not None and Path(pretrain_json).is_file():
+        meta = json.loads(Path(pretrain_json).read_text(encoding="utf-8"))
+        written.append(plot_pretrain(meta, out_dir / "pretrain_curve.png"))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vit_adapter.analysis.plots", description=__doc__.split("\n")[0])
+    p.add_argument("--results", type=Path, default=Path("results"), help="aggregate's output directory")
+    p.add_argument("--out", type=Path, default=Path("reports/figures"), help="where the PNGs go")
+    p.add_argument("--runs", type=Path, default=None, help="run directories (default <results>/runs)")
+    p.add_argument("--paper", type=Path, default=None, help="paper numbers YAML (default ablations/paper_numbers.yml)")
+    p.add_argument("--pretrain-json", type=Path, default=None, help="pretraining sidecar JSON (optional figure)")
+    args = p.parse_args(argv)
+    try:
+        written = make_plots(
+            args.results, args.out, runs_dir=args.runs, paper_path=args.paper, pretrain_json=args.pretrain_json
+        )
+    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
