@@ -1,0 +1,100 @@
+"""I/O helpers shared by the generator and the loaders: one error type, atomic writes, checked decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class DataError(ValueError):
+    """Bad or inconsistent input data; the message always names the offending file, key or size."""
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """Return ``path`` if it is a directory, else raise one clear DataError."""
+    if not path.is_dir():
+        raise DataError(f"{what} directory not found: {path}")
+    return path
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    return path
+
+
+def load_json(path: Path) -> Any:
+    require_file(path, "JSON")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot parse JSON file {path}: {e}") from e
+
+
+def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
+    """Decode an image fully (PIL decodes lazily, so truncation only shows on load) into a uint8 array."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            # Palette/greyscale label PNGs must keep their raw indices: convert only when the mode differs
+            # and the target is RGB (a label map read as 'L' from a 'P' image keeps the palette indices).
+            if mode == "RGB" and im.mode != "RGB":
+                im = im.convert("RGB")
+            elif mode == "L" and im.mode not in ("L", "P"):
+                raise DataError(f"label image {path} has mode {im.mode!r}; expected a single-channel PNG")
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError as e:
+        raise DataError(f"image file not found: {path}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"cannot decode image {path}: {e}") from e
+    return arr
+
+
+def png_bytes(arr: np.ndarray, compress_level: int = 1) -> bytes:
+    """Encode a uint8 array as PNG. PIL+zlib output is byte-identical for identical input.
+
+    Level 1: the noisy synthetic images barely compress better at higher levels, which cost 1.5-2x the time.
+    """
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, then ``os.replace`` (no half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Deterministic JSON (no timestamps, fixed key order) so identical inputs give identical bytes."""
+    return (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")

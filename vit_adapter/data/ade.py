@@ -1,0 +1,157 @@
+"""ADE20K (``ADEChallengeData2016/{images,annotations}/{training,validation}``) semantic segmentation.
+
+Label PNGs hold 0 for "other/unlabelled" and 1..150 for the classes. ``reduce_zero_label=True`` (the official
+ADE20K setting, mmseg) maps 0 -> 255 (ignored) and v -> v - 1. The generated data use 0 for background and we
+keep it as a real class (``reduce_zero_label=False``, 11 classes): see docs/data.md for why.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._io import DataError, load_json, read_image, require_dir
+from .base import EpochDataset
+from .synth import ADE_DIRS, ADE_ROOT, GENERATOR
+from .transforms import IGNORE_INDEX, Compose, Sample, new_meta, to_normalized_tensor
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def reduce_zero_label(seg: np.ndarray) -> np.ndarray:
+    """mmseg's rule: 0 -> 255 (ignore), v -> v - 1, and 255 stays 255."""
+    out = seg.astype(np.int64) - 1
+    out[seg == 0] = IGNORE_INDEX
+    out[seg == IGNORE_INDEX] = IGNORE_INDEX
+    return out.astype(np.uint8)
+
+
+def _find_base(root: Path) -> Path:
+    require_dir(root, "ADE20K root")
+    if (root / ADE_ROOT).is_dir():
+        return root / ADE_ROOT
+    if (root / "images").is_dir() and (root / "annotations").is_dir():
+        return root
+    raise DataError(f"ADE20K layout not found under {root}: expected {ADE_ROOT}/images and {ADE_ROOT}/annotations")
+
+
+def _generator_manifest(base: Path) -> dict[str, Any] | None:
+    for cand in (base.parent / "manifest.json", base / "manifest.json"):
+        if cand.is_file():
+            man = load_json(cand)
+            if isinstance(man, dict) and man.get("generator") == GENERATOR:
+                return man
+    return None
+
+
+def _official_classes(base: Path) -> list[str] | None:
+    """Class names from the release's objectInfo150.txt (Idx, Ratio, Train, Val, Name columns), if present."""
+    info = base / "objectInfo150.txt"
+    if not info.is_file():
+        return None
+    lines = info.read_text(encoding="utf-8").splitlines()[1:]
+    names = [ln.split("\t")[-1].split(";")[0].strip() for ln in lines if ln.strip()]
+    return names or None
+
+
+class ADE20KSegmentation(EpochDataset):
+    """(image, target): image float32 (3, H, W) normalised, target int64 (H, W) with 255 = ignore.
+
+    ``reduce_zero_label=None`` picks the right convention: False for data written by our generator (background
+    is class 0), True otherwise (official ADE20K, 150 classes). ``return_meta`` adds the transform meta as a
+    third element (for ``transforms.seg_logits_to_original``); ``original_target(i)`` gives the label map
+    at the original resolution for evaluation there.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split: str = "train",
+        transforms: Compose | None = None,
+        *,
+        seed: int = 0,
+        cache: bool = False,
+        reduce_zero_label: bool | None = None,
+        num_classes: int | None = None,
+        return_meta: bool = False,
+        max_images: int | None = None,
+    ) -> None:
+        super().__init__(seed, cache)
+        if split not in ADE_DIRS:
+            raise DataError(f"unknown split {split!r}; expected 'train' or 'val'")
+        self.base = _find_base(Path(root))
+        self.img_dir = require_dir(self.base / "images" / ADE_DIRS[split], "ADE20K image")
+        self.ann_dir = require_dir(self.base / "annotations" / ADE_DIRS[split], "ADE20K annotation")
+        self.split, self.transforms, self.return_meta = split, transforms, return_meta
+        manifest = _generator_manifest(self.base)
+        self.generated = manifest is not None
+        self.reduce_zero_label = (not self.generated) if reduce_zero_label is None else bool(reduce_zero_label)
+        if manifest is not None:
+            names = list(manifest["semantic"]["classes"])  # pixel value v -> names[v]
+        else:
+            names = _official_classes(self.base) or [f"class_{i}" for i in range(150)]
+            names = ["other", *names]
+        self.classes = names[1:] if self.reduce_zero_label else names
+        if num_classes is not None:
+            self.classes = self.classes[:num_classes] + [f"class_{i}" for i in range(len(self.classes), num_classes)]
+        self.num_classes = len(self.classes)
+        self.ignore_index = IGNORE_INDEX
+        images = sorted(p for p in self.img_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        if not images:
+            raise DataError(f"no images (*.jpg, *.png) in {self.img_dir}")
+        pairs = []
+        for img in images:
+            ann = self.ann_dir / f"{img.stem}.png"
+            if not ann.is_file():
+                raise DataError(f"image {img} has no annotation {ann}")
+            pairs.append((img, ann))
+        self.pairs = pairs[:max_images] if max_images is not None else pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load_label(self, index: int) -> np.ndarray:
+        """The label map of ``index`` (uint8, original size, zero label reduced if configured), checked."""
+        img_path, ann_path = self.pairs[index]
+        seg = read_image(ann_path, mode="L")
+        if seg.ndim != 2:
+            raise DataError(f"annotation {ann_path} must be a single-channel PNG, got shape {seg.shape}")
+        if self.reduce_zero_label:
+            seg = reduce_zero_label(seg)
+        bad = (seg >= self.num_classes) & (seg != IGNORE_INDEX)
+        if bad.any():
+            raise DataError(
+                f"annotation {ann_path} holds label {int(seg[bad].max())} >= num_classes={self.num_classes} "
+                f"(reduce_zero_label={self.reduce_zero_label})"
+            )
+        return seg
+
+    def load_raw(self, index: int) -> Sample:
+        img_path, ann_path = self.pairs[index]
+        image = read_image(img_path)
+        seg = self.load_label(index)
+        if seg.shape != image.shape[:2]:
+            raise DataError(
+                f"annotation {ann_path} is {seg.shape[0]}x{seg.shape[1]} but image {img_path} is "
+                f"{image.shape[0]}x{image.shape[1]}"
+            )
+        return {"image": image, "seg": seg, "meta": new_meta(*image.shape[:2])}
+
+    def original_target(self, index: int) -> torch.Tensor:
+        return torch.tensor(self.load_label(index), dtype=torch.long)
+
+    def __getitem__(self, index: int):
+        sample = self.cached_raw(index, self.load_raw)
+        if self.transforms is not None:
+            sample = self.transforms(sample, self.rng(index))
+        image = sample["image"]
+        if not isinstance(image, torch.Tensor):
+            image = to_normalized_tensor(image)
+        target = torch.tensor(sample["seg"], dtype=torch.long)
+        if self.return_meta:
+            return image, target, sample["meta"]
+        return image, target

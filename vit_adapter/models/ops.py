@@ -1,0 +1,449 @@
+"""Multi-scale deformable attention core (facts §1.7), pure PyTorch with an optional mmcv backend.
+
+`ms_deform_attn` has the tensor contract of the official `ms_deform_attn_core_pytorch` and of mmcv's
+`multi_scale_deformable_attn_pytorch`:
+
+- value               (B, sum(H_l*W_l), M, C_h)   M heads, C_h channels per head, levels concatenated
+- spatial_shapes      (L, 2) LongTensor of (H_l, W_l), or a python sequence of (H, W) int pairs
+- sampling_locations  (B, Lq, M, L, P, 2)         normalised (x, y); 0/1 are the map's outer edges
+- attention_weights   (B, Lq, M, L, P)            already softmaxed by the caller
+- returns             (B, Lq, M*C_h)
+
+Sampling is bilinear with align_corners=False (pixel = loc*size - 0.5) and zero padding, which is what the
+official CUDA kernel does (`ms_deform_im2col_cuda.cuh`). The op always computes in fp32 (float64 stays float64),
+like the official autograd Function's `custom_fwd(cast_inputs=float32)`.
+
+Backends:
+- "pytorch"   (default on CPU) the fast path below, a weighted `embedding_bag` over bilinear corners.
+- "reference" the straightforward per-level `grid_sample` algorithm of the official repo; kept as the yardstick.
+- "mmcv"      mmcv's compiled `MultiScaleDeformableAttnFunction`; CUDA tensors only, optional extra.
+- "auto"      "mmcv" when it imports and the tensors are on CUDA, else "pytorch".
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import operator
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["BACKENDS", "ms_deform_attn", "ms_deform_attn_reference", "ms_deform_attn_pytorch", "mmcv_available"]
+
+BACKENDS = ("auto", "pytorch", "reference", "mmcv")
+# The official module passes im2col_step=64 to the CUDA op (facts §1.7).
+MMCV_IM2COL_STEP = 64
+
+SpatialShapes = Tensor | Sequence[Sequence[int]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------------------
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    backend: str = "auto",
+) -> Tensor:
+    """Multi-scale deformable attention core; see the module docstring for shapes and semantics.
+
+    Half/bfloat16 inputs are cast to float32 and autocast is disabled inside, so the result is float32 (the
+    caller decides whether to cast back); float64 inputs give a float64 result (for gradcheck).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown ms_deform_attn backend {backend!r}; expected one of {BACKENDS}")
+    shapes = _shapes_as_tuples(spatial_shapes)
+    _check_inputs(value, shapes, sampling_locations, attention_weights)
+    if backend == "auto":
+        backend = "mmcv" if value.is_cuda and mmcv_available() else "pytorch"
+
+    # fp32 always (half/bf16 are upcast, like the official custom_fwd(cast_inputs=float32)); float64 stays.
+    inputs = (value, sampling_locations, attention_weights)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
+    value, sampling_locations, attention_weights = (t.to(dtype) for t in inputs)
+    with torch.autocast(device_type=value.device.type, enabled=False):
+        if backend == "pytorch":
+            return ms_deform_attn_pytorch(value, shapes, sampling_locations, attention_weights)
+        if backend == "reference":
+            return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
+        return _ms_deform_attn_mmcv(value, spatial_shapes, shapes, sampling_locations, attention_weights)
+
+
+@functools.cache
+def mmcv_available() -> bool:
+    """True when mmcv's compiled deformable-attention op can be imported. Never raises."""
+    try:
+        if importlib.util.find_spec("mmcv") is None:
+            return False
+        from mmcv.ops.multi_scale_deform_attn import MultiScaleDeformableAttnFunction  # noqa: F401
+    except Exception:  # a broken mmcv build fails in many ways (ImportError, OSError, AttributeError, ...)
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fast path
+# --------------------------------------------------------------------------------------------------------------
+def ms_deform_attn_pytorch(
+    value: Tensor, spatial_shapes: Sequence[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """Fast pure-PyTorch core: a weighted `embedding_bag` over the 4 bilinear corners of every point.
+
+    Raw backend: expects validated inputs of one float dtype and python (H, W) shapes; use `ms_deform_attn`.
+
+    The trick: each output row (b, q, m) is a weighted sum of value rows. Copy value (B, S, M, C_h) into a table
+    whose levels carry a zero border (1 pixel before, 2 after), viewed as B*S'*M rows of C_h channels. A point's
+    4 bilinear corners are then 4 table rows (border rows are zero, which *is* zero padding, so no bounds masks
+    are needed once the pixel coordinate is clamped into the border), with weights `attention * bilinear`. The
+    output is one `embedding_bag(mode="sum")` over bags of 4*L*P (row, weight) pairs, and its (B*Lq*M, C_h)
+    result reshapes to (B, Lq, M*C_h) for free. No (B*M, C_h, H, W) transposes, no per-level calls and no
+    (B*M, C_h, Lq, L*P) intermediate as in the grid_sample algorithm.
+
+    The backward is hand-written (`_BilinearBagAttn`), because autograd through embedding_bag is slow on CPU:
+    - d/d(corner weight) = <grad_out row, table row>: a sampled dense-dense product (`torch.sparse.sampled_addmm`
+      on the CSR pattern of the corner rows); the bilinear chain rule turns it into d/d(attention) and d/d(loc).
+    - d/d(value) is the transposed problem. The points are sorted by their top-left corner row (L*P per query,
+      4x fewer keys than corners), so one more `embedding_bag` sums, for each table row and corner k, the
+      gradient rows that used it as corner k. The 4 per-corner tables are then shifted onto each other per level
+      and the zero border is dropped.
+    Indices are piecewise constant in the locations, exactly as in bilinear grid_sample.
+    """
+    if value.numel() == 0 or sampling_locations.numel() == 0:  # nothing to gather; the simple path copes
+        return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
+    shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)  # hashable: it keys the plan cache
+    return _BilinearBagAttn.apply(value, sampling_locations, attention_weights, shapes)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Shape-only constants of the padded table, cached per (shapes, points, device, dtype)."""
+
+    pad_starts: tuple[int, ...]  # first padded-table token of each level
+    padded_length: int  # S' = sum((H+3)(W+3))
+    dest: Tensor  # (S,) padded-table token of each value token
+    size_xy: Tensor  # (L*P*2,) (W_l, H_l) per point, interleaved like the (x, y) locations
+    stride_y: Tensor  # (L*P,) int, padded width W_l+3 per point
+    origin: Tensor  # (L*P,) int, padded token of pixel (0, 0) per point: pad_start + (W+3) + 1
+    corners: Tensor  # (4, L*P) token offsets of the corners (x0,y0), (x1,y0), (x0,y1), (x1,y1)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(shapes: tuple[tuple[int, int], ...], n_points: int, device: torch.device, dtype: torch.dtype) -> _Plan:
+    # Built outside inference mode so the cached tensors stay usable by later autograd-enabled calls.
+    with torch.inference_mode(False):
+        pad_starts, dest, total = [], [], 0
+        for h, w in shapes:
+            pad_starts.append(total)
+            yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            dest.append((total + (yy + 1) * (w + 3) + xx + 1).flatten())
+            total += (h + 3) * (w + 3)
+
+        def per_point(values: list) -> Tensor:  # per-level values -> one entry per (level, point)
+            return torch.tensor(values).repeat_interleave(n_points, dim=0)
+
+        widths = [w for _, w in shapes]
+        return _Plan(
+            pad_starts=tuple(pad_starts),
+            padded_length=total,
+            dest=torch.cat(dest).to(device),
+            size_xy=per_point([[w, h] for h, w in shapes]).flatten().to(device, dtype),
+            stride_y=per_point([w + 3 for w in widths]).to(device),
+            origin=per_point([s + w + 4 for s, w in zip(pad_starts, widths)]).to(device),
+            corners=per_point([[0, 1, w + 3, w + 4] for w in widths]).t().contiguous().to(device),
+        )
+
+
+class _BilinearBagAttn(torch.autograd.Function):
+    """Autograd wrapper of the fast path; see `ms_deform_attn_pytorch` for the algorithm."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, loc: Tensor, attn: Tensor, shapes: tuple[tuple[int, int], ...]) -> Tensor:
+        batch, _, heads, head_dim = value.shape
+        _, n_query, _, n_levels, n_points, _ = loc.shape
+        n_bags, lp = batch * n_query * heads, n_levels * n_points
+        plan = _plan(shapes, n_points, value.device, value.dtype)
+        n_rows = batch * plan.padded_length * heads
+        index_dtype = torch.int32 if n_rows < 2**31 else torch.int64
+
+        table = value.new_zeros(batch, plan.padded_length, heads, head_dim)
+        table.index_copy_(1, plan.dest, value)
+
+        # Pixel coordinates (align_corners=False), clamped into the zero border: any point further out has all
+        # 4 corners in the border, and its gradient is 0 as in grid_sample. Everything is laid out
+        # (bags, L*P[*2]) so that broadcasts run over long contiguous rows (tiny inner dims are slow on CPU).
+        pix = torch.addcmul(_scalar(-0.5, value), loc.reshape(n_bags, lp * 2), plan.size_xy)
+        clamped = torch.clamp(pix, min=_scalar(-1.0, value), max=plan.size_xy)
+        inside = clamped == pix  # where d(clamped)/d(pix) = 1
+        base = clamped.floor()
+        frac = clamped.sub_(base).view(n_bags, lp, 2)
+        # A NaN location keeps NaN weights (NaN output, as grid_sample gives) but needs a valid index.
+        base = base.nan_to_num_(nan=-1.0).view(n_bags, lp, 2)
+
+        # Table row of the top-left corner: ((b*S' + token) * M + m), token = origin + y*(W+3) + x.
+        base = base.to(index_dtype)
+        token = torch.addcmul(base[..., 0] + plan.origin.to(index_dtype), base[..., 1], plan.stride_y.to(index_dtype))
+        bm = torch.arange(batch, device=value.device, dtype=index_dtype)[:, None] * (plan.padded_length * heads)
+        bm = bm + torch.arange(heads, device=value.device, dtype=index_dtype)
+        top_left = token.view(batch, n_query, heads, lp).mul_(heads).add_(bm[:, None, :, None]).view(n_bags, lp)
+        corner_offsets = (plan.corners * heads).to(index_dtype)
+        rows = torch.empty(n_bags, 4, lp, dtype=index_dtype, device=value.device)
+        for k in range(4):
+            torch.add(top_left, corner_offsets[k], out=rows[:, k])
+
+        # Corner weights attention * (1-fy|fy) * (1-fx|fx), in the corner order of `corners`.
+        fx, fy = frac[..., 0], frac[..., 1]
+        a = attn.reshape(n_bags, lp)
+        a_y1 = a * fy
+        a_y0 = a - a_y1
+        weights = torch.empty(n_bags, 4, lp, dtype=value.dtype, device=value.device)
+        torch.mul(a_y0, fx, out=weights[:, 1])
+        torch.sub(a_y0, weights[:, 1], out=weights[:, 0])
+        torch.mul(a_y1, fx, out=weights[:, 3])
+        torch.sub(a_y1, weights[:, 3], out=weights[:, 2])
+
+        out = F.embedding_bag(
+            rows.view(n_bags, 4 * lp),
+            table.view(n_rows, head_dim),
+            per_sample_weights=weights.view(n_bags, 4 * lp),
+            mode="sum",
+        )
+        ctx.save_for_backward(table, rows, top_left, weights, frac, a, inside)
+        ctx.shapes, ctx.plan = shapes, plan
+        ctx.loc_shape, ctx.attn_shape = loc.shape, attn.shape
+        return out.view(batch, n_query, heads * head_dim)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        table, rows, top_left, weights, frac, a, inside = ctx.saved_tensors
+        head_dim = table.shape[-1]
+        grad_rows = grad_out.reshape(rows.shape[0], head_dim)
+        need_value, need_loc, need_attn = ctx.needs_input_grad[:3]
+        g_value = g_loc = g_attn = None
+        if need_loc or need_attn:
+            g_w = _corner_weight_grads(grad_rows, table.view(-1, head_dim), rows)
+            g_loc, g_attn = _chain_bilinear(g_w, frac, a, inside, ctx.plan.size_xy, need_loc, need_attn)
+            g_loc = g_loc.view(ctx.loc_shape) if g_loc is not None else None
+            g_attn = g_attn.view(ctx.attn_shape) if g_attn is not None else None
+        if need_value:
+            g_value = _value_grad(grad_rows, top_left, weights, table.shape, ctx.shapes, ctx.plan)
+        return g_value, g_loc, g_attn, None
+
+
+def _corner_weight_grads(grad_rows: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """d out / d corner weight = <grad_out row, table row> for every (bag, corner): (bags, 4, L*P)."""
+    n_bags, bag_size = rows.shape[0], rows[0].numel()
+    nnz = n_bags * bag_size
+    crow = torch.arange(0, nnz + 1, bag_size, dtype=rows.dtype, device=rows.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(
+            crow, rows.reshape(-1), grad_rows.new_zeros(nnz), (n_bags, table.shape[0]), check_invariants=False
+        )
+        # beta=0 still reads the values (0 * NaN = NaN), hence zeros above.
+        dots = torch.sparse.sampled_addmm(pattern, grad_rows, table.t(), beta=0.0)
+    return dots.values().view(rows.shape)
+
+
+def _chain_bilinear(
+    g_w: Tensor, frac: Tensor, a: Tensor, inside: Tensor, size_xy: Tensor, need_loc: bool, need_attn: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Chain rule from corner-weight gradients to attention weights and sampling locations."""
+    fx, fy = frac[..., 0], frac[..., 1]
+    d_x_top = g_w[:, 1] - g_w[:, 0]  # d/dfx of the row-y0 pair, per unit weight
+    d_x_bottom = g_w[:, 3] - g_w[:, 2]
+    g_y0 = torch.addcmul(g_w[:, 0], d_x_top, fx)  # x-interpolated gradients of rows y0 and y1
+    g_dy = torch.addcmul(g_w[:, 2], d_x_bottom, fx).sub_(g_y0)
+    g_attn = torch.addcmul(g_y0, g_dy, fy) if need_attn else None
+    g_loc = None
+    if need_loc:
+        g_dx = torch.addcmul(d_x_top, d_x_bottom.sub_(d_x_top), fy)
+        g_pix = torch.stack((g_dx.mul_(a), g_dy.mul_(a)), dim=-1).view(a.shape[0], -1)
+        g_loc = g_pix.mul_(size_xy).mul_(inside)  # d pix / d loc = size; 0 where the clamp was active
+    return g_loc, g_attn
+
+
+def _value_grad(
+    grad_rows: Tensor,
+    top_left: Tensor,
+    weights: Tensor,
+    table_shape: torch.Size,
+    shapes: tuple[tuple[int, int], ...],
+    plan: _Plan,
+) -> Tensor:
+    """Transposed embedding_bag grouped by top-left corner, then the 4 corner tables shifted together."""
+    batch, padded_length, heads, head_dim = table_shape
+    n_rows = batch * padded_length * heads
+    keys = top_left.reshape(-1)
+    n_points = keys.numel()
+    order = torch.sort(keys).indices
+    counts = torch.bincount(keys, minlength=n_rows)
+    starts = counts.cumsum(0).sub_(counts)
+    lp = top_left.shape[1]
+    bag_of_point = torch.div(order, lp, rounding_mode="floor")  # which grad row each sorted point reads
+    # Corner-major samples: corner k of the sorted points feeds output block k (rows k*n_rows ...).
+    corner_weights = weights.transpose(0, 1).reshape(4, n_points).index_select(1, order)
+    offsets = torch.cat([starts + k * n_points for k in range(4)])
+    per_corner = F.embedding_bag(
+        bag_of_point.repeat(4), grad_rows, offsets, per_sample_weights=corner_weights.view(-1), mode="sum"
+    ).view(4, batch, padded_length, heads, head_dim)
+    # Pixel (y, x) was corner k of the top-left (y - dy_k, x - dx_k); crop away the zero border.
+    g_value = grad_rows.new_empty(batch, sum(h * w for h, w in shapes), heads, head_dim)
+    token = 0
+    for (h, w), start in zip(shapes, plan.pad_starts):
+        lv = per_corner[:, :, start : start + (h + 3) * (w + 3)].view(4, batch, h + 3, w + 3, heads, head_dim)
+        acc = g_value[:, token : token + h * w].view(batch, h, w, heads, head_dim)
+        torch.add(lv[0, :, 1 : h + 1, 1 : w + 1], lv[1, :, 1 : h + 1, 0:w], out=acc)
+        acc += lv[2, :, 0:h, 1 : w + 1]
+        acc += lv[3, :, 0:h, 0:w]
+        token += h * w
+    return g_value
+
+
+def _scalar(x: float, like: Tensor) -> Tensor:
+    return torch.tensor(x, dtype=like.dtype, device=like.device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference path (the official algorithm, facts §1.7)
+# --------------------------------------------------------------------------------------------------------------
+def ms_deform_attn_reference(
+    value: Tensor, spatial_shapes: Sequence[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """Straightforward per-level grid_sample algorithm (the official `ms_deform_attn_core_pytorch`).
+
+    Raw backend like `ms_deform_attn_pytorch` (validated inputs, python shapes).
+
+    Split value by level, view each level as (B*M, C_h, H_l, W_l), grid_sample it at grid 2*loc-1 per level,
+    stack the levels, weight and sum over (L, P).
+    """
+    batch, _, heads, head_dim = value.shape
+    _, n_query, _, n_levels, n_points, _ = sampling_locations.shape
+    per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
+    grids = 2.0 * sampling_locations - 1.0
+    sampled = []
+    for level, (h, w) in enumerate(spatial_shapes):
+        # (B, HW, M, C_h) -> (B*M, C_h, H, W)
+        v = per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, h, w)
+        # (B, Lq, M, P, 2) -> (B*M, Lq, P, 2)
+        g = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # (B*M, C_h, Lq, L, P) * (B*M, 1, Lq, L, P) -> sum -> (B*M, C_h, Lq)
+    stacked = torch.stack(sampled, dim=-2)
+    attn = attention_weights.transpose(1, 2).reshape(batch * heads, 1, n_query, n_levels, n_points)
+    out = (stacked * attn).flatten(-2).sum(-1).view(batch, heads * head_dim, n_query)
+    return out.transpose(1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# mmcv path
+# --------------------------------------------------------------------------------------------------------------
+def _ms_deform_attn_mmcv(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    shapes: Sequence[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    if not mmcv_available():
+        raise RuntimeError(
+            "ms_deform_attn backend 'mmcv' requested but mmcv.ops is not importable; install the optional "
+            "extra (pip install '.[mmcv]', a CUDA build) or use backend='pytorch'"
+        )
+    if not value.is_cuda:
+        raise RuntimeError("ms_deform_attn backend 'mmcv' needs CUDA tensors; use backend='pytorch' on CPU")
+    from mmcv.ops.multi_scale_deform_attn import MultiScaleDeformableAttnFunction
+
+    if isinstance(spatial_shapes, Tensor):
+        shapes_t = spatial_shapes.to(device=value.device, dtype=torch.long)
+    else:
+        shapes_t = torch.tensor(shapes, dtype=torch.long, device=value.device)
+    starts = torch.tensor(_level_starts(shapes), dtype=torch.long, device=value.device)
+    out = MultiScaleDeformableAttnFunction.apply(
+        value, shapes_t, starts, sampling_locations, attention_weights, MMCV_IM2COL_STEP
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------------------------
+def _level_starts(shapes: Sequence[tuple[int, int]]) -> list[int]:
+    starts, total = [], 0
+    for h, w in shapes:
+        starts.append(total)
+        total += h * w
+    return starts
+
+
+def _shapes_as_tuples(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
+    """(L, 2) LongTensor or sequence of (H, W) -> list of python int pairs (one host sync for tensors)."""
+    if isinstance(spatial_shapes, Tensor):
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+            raise ValueError(f"spatial_shapes must have shape (L, 2), got {tuple(spatial_shapes.shape)}")
+        if spatial_shapes.is_floating_point() or spatial_shapes.is_complex():
+            raise ValueError(f"spatial_shapes must be an integer tensor, got {spatial_shapes.dtype}")
+        pairs = spatial_shapes.tolist()
+    else:
+        try:
+            pairs = [tuple(p) for p in spatial_shapes]
+        except TypeError as err:
+            raise ValueError(f"spatial_shapes must be a sequence of (H, W) pairs, got {spatial_shapes!r}") from err
+    shapes = []
+    for pair in pairs:
+        try:
+            h, w = (operator.index(v) for v in pair)  # ints, numpy ints; not floats or bools-as-pairs
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"spatial_shapes entries must be (H, W) int pairs, got {pair!r}") from err
+        if h <= 0 or w <= 0:
+            raise ValueError(f"spatial_shapes entries must be positive, got {pair!r}")
+        shapes.append((h, w))
+    if not shapes:
+        raise ValueError("spatial_shapes is empty; need at least one level")
+    return shapes
+
+
+def _check_inputs(
+    value: Tensor, shapes: Sequence[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> None:
+    for name, t, dims in (
+        ("value", value, 4),
+        ("sampling_locations", sampling_locations, 6),
+        ("attention_weights", attention_weights, 5),
+    ):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != dims:
+            raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != value.device:
+            raise ValueError(f"{name} is on {t.device} but value is on {value.device}")
+    batch, length, heads, _ = value.shape
+    expected_length = sum(h * w for h, w in shapes)
+    if length != expected_length:
+        raise ValueError(f"value length {length} != sum(H*W) = {expected_length} of spatial_shapes {list(shapes)}")
+    b, n_query, m, n_levels, n_points, two = sampling_locations.shape
+    if two != 2:
+        raise ValueError(f"sampling_locations last dim must be 2 (x, y), got {two}")
+    if b != batch:
+        raise ValueError(f"batch mismatch: value has {batch}, sampling_locations has {b}")
+    if m != heads:
+        raise ValueError(f"heads mismatch: value has {heads}, sampling_locations has {m}")
+    if n_levels != len(shapes):
+        raise ValueError(f"levels mismatch: spatial_shapes has {len(shapes)}, sampling_locations has {n_levels}")
+    expected = (batch, n_query, heads, n_levels, n_points)
+    if tuple(attention_weights.shape) != expected:
+        raise ValueError(
+            f"attention_weights shape {tuple(attention_weights.shape)} != {expected} implied by "
+            "sampling_locations (B, Lq, M, L, P)"
+        )
