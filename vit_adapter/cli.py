@@ -147,6 +147,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep_from_args
+
+    return run_sweep_from_args(args)
+
+
 # ---------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-adapter", description=__doc__.splitlines()[0])
@@ -200,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", type=Path, required=True)
             p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
         p.set_defaults(func=func)
+
+    from .sweep import add_sweep_args
+
+    p = sub.add_parser("sweep", help="Optuna sweep over the injector's gamma init and the ConvFFN ratio")
+    add_sweep_args(p)
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

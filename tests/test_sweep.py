@@ -1,0 +1,215 @@
+"""The γ-init × ConvFFN-ratio Optuna sweep on tiny generated data: end to end, kill -9 and resume, two workers on
+one journal, pruning (on an RDB storage), and the settings that name a study."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from tests.test_engine import tiny_sets
+from vit_adapter.data import generate_dataset
+from vit_adapter.sweep import (
+    KILL_ENV,
+    REFERENCE_POINTS,
+    SweepError,
+    SweepSettings,
+    add_sweep_args,
+    open_storage,
+    plan_sweep,
+    run_sweep,
+    settings_from_args,
+    settings_from_mapping,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "gen"
+    generate_dataset(root, n_train=8, n_val=4, image_size=64, seed=0, objects_per_image=(2, 3))
+    return root
+
+
+def micro(root: Path, out: Path, **kw) -> SweepSettings:
+    """A seg sweep whose trials train 2 iterations, evaluating and checkpointing after each."""
+    sets = tiny_sets(root, "seg", iters=2, extra=["train.eval_interval=1", "train.checkpoint_interval=1"])
+    base = dict(sets=sets, out_dir=str(out), n_trials=3, pruner="none", references=False, plots=False)
+    return SweepSettings(**(base | kw))
+
+
+def load(settings: SweepSettings) -> optuna.Study:
+    plan = plan_sweep(settings)
+    return optuna.load_study(study_name=plan.study_name, storage=open_storage(plan))
+
+
+def states(study: optuna.Study) -> dict[int, TrialState]:
+    return {t.number: t.state for t in study.get_trials(deepcopy=False)}
+
+
+def test_micro_sweep_end_to_end(tmp_path, data_root) -> None:
+    settings = micro(data_root, tmp_path / "sweeps", references=True, plots=True)
+    summary = run_sweep(settings)
+    d = Path(summary["study_dir"])
+    assert d.parent == tmp_path / "sweeps" and (d / "journal.log").is_file()
+    study = load(settings)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    for t in trials:  # both parameters in every trial, inside the search space
+        assert 1e-6 <= t.params["gamma_init"] <= 1 and 1 / 16 <= t.params["cffn_ratio"] <= 1
+        assert t.value == t.user_attrs["mIoU_seed0"] and 0 <= t.value <= 100
+        assert sorted(t.intermediate_values) == [1, 2]  # both evaluations were reported
+        assert (d / "trials" / f"trial_{t.number:04d}" / "seed_0" / "metrics.json").is_file()
+    cfg = yaml.safe_load((d / "trials" / "trial_0000" / "seed_0" / "config.yaml").read_text())
+    assert cfg["model"]["gamma_init"] == trials[0].params["gamma_init"] and cfg["model"]["with_cffn"] is True
+
+    assert summary["counts"]["complete"] == 3 and summary["status"] == "done" and summary["metric"] == "mIoU"
+    best = json.loads((d / "best_params.json").read_text())["best"]
+    assert best["trial"] == study.best_trial.number and best["params"] == study.best_params
+    refs = json.loads((d / "reference_points.json").read_text())["points"]
+    assert set(refs) == set(REFERENCE_POINTS) and refs["paper_default"]["params"]["gamma_init"] == 0.0
+    for name, ref in refs.items():  # per-seed values come from the reference runs' own metrics
+        metrics = json.loads((d / "reference" / name / "seed_0" / "metrics.json").read_text())
+        assert ref["per_seed"] == {"0": metrics["final"]["mIoU"]}
+        delta = summary["best_vs_references"][name]["per_seed_delta"]["0"]
+        assert delta == pytest.approx(best["per_seed"]["0"] - ref["per_seed"]["0"])
+    no_cffn = yaml.safe_load((d / "reference" / "no_cffn" / "seed_0" / "config.yaml").read_text())
+    assert no_cffn["model"]["with_cffn"] is False
+    csv = (d / "trials.csv").read_text().splitlines()
+    assert len(csv) == 4 and "params_gamma_init" in csv[0] and "params_cffn_ratio" in csv[0]
+    for name in ("optimization_history", "contour_gamma_ratio", "param_importances", "slice"):
+        png = d / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert json.loads((tmp_path / "sweeps" / "summary.json").read_text()) == json.loads(
+        (d / "summary.json").read_text()
+    )
+
+    # A rerun finds the study complete and the references cached: nothing is trained again.
+    stamp = (d / "reference" / "no_cffn" / "seed_0" / "metrics.json").stat().st_mtime_ns
+    again = run_sweep(dataclasses.replace(settings, plots=False))
+    assert again["counts"]["complete"] == 3 and len(load(settings).trials) == 3
+    assert (d / "reference" / "no_cffn" / "seed_0" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow  # one subprocess (imports torch)
+def test_kill_9_mid_sweep_then_resume(tmp_path, data_root) -> None:
+    settings = micro(data_root, tmp_path / "sweeps")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"sweep": {k: getattr(settings, k) for k in ("sets", "out_dir", "n_trials")}}))
+    # The worker SIGKILLs itself after iteration 1 of trial 1 (after that iteration's checkpoint).
+    env = os.environ | {KILL_ENV: "1:1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vit_adapter.sweep", "--params", str(params), "--pruner", "none", "--no-references"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    study = load(settings)
+    assert states(study) == {0: TrialState.COMPLETE, 1: TrialState.RUNNING}  # the journal still says running
+    d = plan_sweep(settings).study_dir
+    done0 = d / "trials" / "trial_0000" / "seed_0" / "metrics.json"
+    stamp = done0.stat().st_mtime_ns
+    assert (d / "trials" / "trial_0001" / "seed_0.partial" / "checkpoints").is_dir()
+
+    run_sweep(settings)  # the same settings: resumes the study
+    study = load(settings)
+    trials = study.get_trials(deepcopy=False)
+    assert trials[0].state == TrialState.COMPLETE and done0.stat().st_mtime_ns == stamp  # kept, not retrained
+    assert trials[1].state == TrialState.FAIL  # the interrupted trial
+    retry = trials[2]  # queued by the recovery before any new trial
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs["failed_trial"] == 1
+    assert retry.params == trials[1].params and 1 in retry.intermediate_values
+    run = d / "trials" / "trial_0001" / "seed_0"  # the retry reused the original's run directory ...
+    assert json.loads((run / "run.json").read_text())["resumed_from_iteration"] == 1  # ... and its checkpoint
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == settings.n_trials
+    assert not list(d.glob("trials/*/*.partial"))
+
+
+@pytest.mark.slow  # two spawned workers (each imports torch)
+def test_two_workers_share_one_journal(tmp_path, data_root) -> None:
+    settings = micro(data_root, tmp_path / "sweeps", n_trials=3, n_workers=2)  # odd: both want the last slot
+    summary = run_sweep(settings)
+    trials = load(settings).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3  # exactly n_trials, nothing failed
+    assert len({(t.params["gamma_init"], t.params["cffn_ratio"]) for t in trials}) == 3
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 3
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2 and not any(w.endswith(f":{os.getpid()}") for w in workers)  # two child processes
+    assert summary["counts"]["complete"] == 3
+
+
+def test_pruned_trial_is_recorded_as_pruned_on_rdb_storage(tmp_path, data_root) -> None:
+    # mIoU is a percentage, so "prune below 101" prunes at the first report: a deterministic prune.
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    kw = dict(n_trials=1, storage=url, pruner="threshold", prune_below=101.0, prune_warmup_evals=0)
+    settings = micro(data_root, tmp_path / "sweeps", **kw)
+    summary = run_sweep(settings)
+    (trial,) = load(settings).get_trials(deepcopy=False)
+    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [1]
+    d = Path(summary["study_dir"])
+    assert not (d / "journal.log").exists() and not list(d.glob("trials/*/*.partial"))  # nothing to resume
+    assert summary["counts"]["pruned"] == 1 and summary["status"] == "done" and summary["best"] is None
+    assert (d / "trials.csv").read_text().splitlines()[1].split(",")[2] == "PRUNED"
+
+
+def test_diverging_trials_fail_without_retry_and_are_capped(tmp_path, data_root) -> None:
+    # lr = 1e12 makes the loss NaN at iteration 2 whatever γ and the ratio: every trial diverges.
+    settings = micro(data_root, tmp_path / "sweeps", n_trials=2, max_failed=1)
+    settings.sets = [*settings.sets, "optim.lr=1e12"]
+    summary = run_sweep(settings)
+    (trial,) = load(settings).get_trials(deepcopy=False)  # stopped by the cap; no retry was queued
+    assert trial.state == TrialState.FAIL and "loss is nan" in trial.user_attrs["failure"]
+    assert summary["status"] == "too_many_failures" and summary["counts"]["fail"] == 1
+    assert not list(Path(summary["study_dir"]).glob("trials/*/*.partial"))
+
+
+def test_study_name_follows_the_objective_and_settings_are_checked(tmp_path, data_root) -> None:
+    base = micro(data_root, tmp_path)
+    name = plan_sweep(base).study_name
+    assert name.startswith("gamma-cffn-seg-mIoU-")
+    # Budget and execution settings do not define the objective: same study, so they can resume it.
+    same = micro(data_root, tmp_path, n_trials=50, n_workers=2, timeout_s=10.0, pruner="median")
+    assert plan_sweep(same).study_name == name
+    for changed in (
+        micro(data_root, tmp_path, seeds=[0, 1]),
+        micro(data_root, tmp_path, sets=[*base.sets, "optim.lr=2e-3"]),
+        micro(data_root, tmp_path, metric="mAcc"),
+    ):
+        assert plan_sweep(changed).study_name != name
+    det = plan_sweep(SweepSettings(sets=tiny_sets(data_root, "det")))
+    assert det.metric == "bbox_mAP"
+    with pytest.raises(SweepError, match="model.gamma_init"):
+        micro(data_root, tmp_path, sets=["model.gamma_init=0.5"])
+    with pytest.raises(SweepError, match="unknown sweep setting"):
+        settings_from_mapping({"n_trail": 3})
+    with pytest.raises(SweepError, match="n_trials"):
+        settings_from_mapping({"n_trials": 0})
+
+    # CLI: flags override the params file; --set adds to its sets.
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"sweep": {"n_trials": 20, "seeds": [0, 1], "sets": ["optim.lr=1e-3"]}}))
+    import argparse
+
+    args = add_sweep_args(argparse.ArgumentParser()).parse_args(
+        ["--params", str(params), "--n-trials", "5", "--set", "train.max_iters=7", "--seeds", "3,4"]
+    )
+    s = settings_from_args(args)
+    assert (s.n_trials, s.seeds, s.sets) == (5, [3, 4], ["optim.lr=1e-3", "train.max_iters=7"])
+
+
+def test_budget_scales_the_schedule(tmp_path) -> None:
+    plan = plan_sweep(SweepSettings(max_iters=200, out_dir=str(tmp_path)))
+    cfg = plan.config(0, {"gamma_init": 1e-3, "cffn_ratio": 0.5, "with_cffn": True})
+    full = plan_sweep(SweepSettings(out_dir=str(tmp_path))).config(0, {})
+    assert cfg.train.max_iters == 200 and cfg.train.eval_interval == 50 == plan.eval_interval
+    assert plan_sweep(SweepSettings(max_iters=150, out_dir=str(tmp_path))).eval_interval == 38  # 4 evaluations
+    scale = 200 / full.train.max_iters
+    assert cfg.optim.milestones == [round(m * scale) for m in full.optim.milestones if round(m * scale) < 200]
+    assert cfg.model.gamma_init == 1e-3 and cfg.train.threads == 1
