@@ -241,8 +241,8 @@ def test_type_errors_name_key_value_and_allowed(tmp_path: Path) -> None:
 
 
 def test_consistency_checks() -> None:
-    with pytest.raises(ConfigError, match=r"head\.type = 'mask_rcnn'.*'seg'"):
-        load_config("cpu_default", sets=["model.task=seg"])
+    with pytest.raises(ConfigError, match=r"head\.type = 'semfpn'.*'det'"):
+        load_config("cpu_default", sets=["model.task=det"])
     with pytest.raises(ConfigError, match=r"data\.image_size = 100 .*multiple of 32"):
         load_config(None, sets=["data.image_size=100"])
     with pytest.raises(ConfigError, match=r"optim\.milestones"):
@@ -250,8 +250,8 @@ def test_consistency_checks() -> None:
     with pytest.raises(ConfigError, match=r"weights\.source"):
         load_config(None, sets=["weights.init=pretrained"])
     # A consistent switch of all three is fine.
-    cfg = load_config("cpu_default", sets=["model.task=seg", "head.type=upernet"])
-    assert cfg.model.task == "seg"
+    cfg = load_config("cpu_default", sets=["model.task=det", "head.type=mask_rcnn"])
+    assert cfg.model.task == "det"
 
 
 def test_malformed_inputs(tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ def tiny_sets(root: Path, task: str, iters: int = 20, extra: list[str] | None = 
         f"train.checkpoint_interval={max(1, iters // 2)}",
         "train.log_interval=1",
         "train.threads=1",
+        "weights.init=scratch",
     ]
     if task == "seg":
         sets += ["head.type=semfpn", "head.num_classes=11", "head.channels=32", "head.fpn_channels=32"]

@@ -33,6 +33,10 @@ from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir, atomic_torch_save, atomic_write_json, open_run_dir, run_metadata, set_determinism
 
 
+# Tests of the pipeline's crash recovery set this to make a training process SIGKILL itself after iteration N.
+_KILL_AFTER = os.environ.get("VIT_ADAPTER_KILL_AFTER_ITER")
+
+
 class StopTraining(Exception):
     """Raised by a hook (or SIGTERM/SIGINT) to stop after the current iteration's checkpoint logic."""
 
@@ -378,6 +382,8 @@ def train(
                 _save_checkpoint(run, model, optimizer, scheduler, done, history, d)
             if hooks.after_iteration is not None:
                 hooks.after_iteration(done)
+            if _KILL_AFTER and done == int(_KILL_AFTER):  # test hook: die like `kill -9` at a known point
+                os.kill(os.getpid(), signal.SIGKILL)
             if stop["flag"]:
                 raise StopTraining(f"stopped by signal after iteration {done}")
     finally:
