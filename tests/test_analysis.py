@@ -49,7 +49,7 @@ def make_run(
     dataset: str = "generated",
 ) -> Path:
     """A run directory in the engine's format (trainer.train) with known metric, costs and a short log."""
-    d = runs / f"{variant}-s{seed}"
+    d = runs / variant / f"s{seed}"
     d.mkdir(parents=True)
     model = {"preset": "vit_adapter_cpu", "task": task, **_overlay(variant)}
     iters = 3 * iters if variant == "baseline_compute_matched" else iters
@@ -320,11 +320,11 @@ def test_malformed_run_dir_is_named(tmp_path: Path, capsys: pytest.CaptureFixtur
     make_run(runs, "full", 0, 30.0)
     bad = make_run(runs, "baseline", 0, 20.0)
     (bad / "metrics.json").write_text("{not json")
-    with pytest.raises(aggregate.RunFormatError, match="baseline-s0"):
+    with pytest.raises(aggregate.RunFormatError, match="baseline/s0"):
         aggregate.collect_runs(runs)
     assert aggregate.main(["--runs", str(runs), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: malformed run directory") and "baseline-s0" in err and "\n" not in err
+    assert err.startswith("error: malformed run directory") and "baseline/s0" in err and "\n" not in err
     (bad / "metrics.json").unlink()
     with pytest.raises(aggregate.RunFormatError, match="missing metrics.json"):
         aggregate.collect_runs(runs)
@@ -336,7 +336,7 @@ def test_malformed_run_dir_is_named(tmp_path: Path, capsys: pytest.CaptureFixtur
         (lambda d: (d / "config.yaml").write_text(yaml.safe_dump({"model": {}, "train": {"seed": 7}, "data": {}})),
          "train.seed=7"),
         (lambda d: (d / "costs.json").write_text("{}"), "params"),
-        (lambda d: d.rename(d.with_name("full_s0")), "name is not"),
+        (lambda d: d.rename(d.with_name("seed0")), "path is not"),
     ],
 )  # fmt: skip
 def test_inconsistent_run_dirs(tmp_path: Path, mutate, match: str) -> None:

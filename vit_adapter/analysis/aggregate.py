@@ -1,6 +1,6 @@
 """Collect finished run directories into one table and summarise each variant with seed-paired statistics.
 
-A run directory is ``<runs>/<variant>-s<seed>/`` as written by ``vit_adapter.engine.trainer.train``:
+A run directory is ``<runs>/<variant>/s<seed>/`` as written by ``vit_adapter.engine.trainer.train``:
 ``config.yaml``, ``metrics.json``, ``costs.json`` (required here), ``log.jsonl`` and ``run.json`` (used by the
 plots and the report). Unfinished runs live in ``<name>.partial/`` and are skipped (they are not results).
 
@@ -26,7 +26,8 @@ import yaml
 
 from .stats import DEFAULT_BOOT_SEED, DEFAULT_N_BOOT, Interval, mean_interval
 
-RUN_NAME_RE = re.compile(r"^(?P<variant>[A-Za-z0-9_]+)-s(?P<seed>\d+)$")
+SEED_DIR_RE = re.compile(r"^s(?P<seed>\d+)$")
+VARIANT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 REQUIRED_FILES = ("config.yaml", "metrics.json", "costs.json")
 REFERENCE = "full"
 # Display order of the variants (paper tables first); unknown variants follow alphabetically.
@@ -82,10 +83,10 @@ def _number(value: Any) -> float:
 
 def read_run(run: Path, *, overlays: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """One run directory → a flat record (see ``collect_runs`` for the columns)."""
-    m = RUN_NAME_RE.match(run.name)
-    if m is None:
-        raise RunFormatError(f"malformed run directory {run}: name is not '<variant>-s<seed>'")
-    variant, seed = m.group("variant"), int(m.group("seed"))
+    m = SEED_DIR_RE.match(run.name)
+    if m is None or not VARIANT_RE.match(run.parent.name):
+        raise RunFormatError(f"malformed run directory {run}: path is not '<variant>/s<seed>'")
+    variant, seed = run.parent.name, int(m.group("seed"))
     missing = [f for f in REQUIRED_FILES if not (run / f).is_file()]
     if missing:
         raise RunFormatError(f"malformed run directory {run}: missing {', '.join(missing)}")
@@ -112,7 +113,7 @@ def read_run(run: Path, *, overlays: dict[str, dict[str, Any]] | None = None) ->
             if cfg["model"].get(key) != want:
                 raise bad(f"model.{key}={cfg['model'].get(key)!r} but ablations/{variant}.yaml sets {want!r}")
 
-    rec: dict[str, Any] = {"variant": variant, "seed": seed, "run": run.name}
+    rec: dict[str, Any] = {"variant": variant, "seed": seed, "run": f"{variant}/{run.name}"}
     model = cfg["model"]
     rec["task"] = model.get("task")
     rec["preset"] = model.get("preset")
@@ -168,15 +169,16 @@ def collect_runs(runs_dir: str | Path, *, ablations_dir: str | Path | None = Non
         raise FileNotFoundError(f"runs directory {root} does not exist")
     overlays = load_overlays(Path(ablations_dir)) if ablations_dir is not None else None
     records, skipped = [], []
-    for child in sorted(root.iterdir()):
-        if not child.is_dir() or child.name.startswith("."):
-            continue
-        if "." in child.name:  # <name>.partial (unfinished) or <name>.replaced-<pid> (being overwritten)
-            skipped.append(child.name)
-            continue
-        records.append(read_run(child, overlays=overlays))
+    for variant_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for child in sorted(variant_dir.iterdir()):
+            if not child.is_dir() or child.name.startswith("."):
+                continue
+            if "." in child.name:  # <seed>.partial (unfinished) or <seed>.replaced-<pid> (being overwritten)
+                skipped.append(f"{variant_dir.name}/{child.name}")
+                continue
+            records.append(read_run(child, overlays=overlays))
     if not records:
-        raise ValueError(f"no finished run directories ('<variant>-s<seed>/') in {root}")
+        raise ValueError(f"no finished run directories ('<variant>/s<seed>/') in {root}")
     tasks = sorted({str(r["task"]) for r in records})
     if len(tasks) != 1:
         raise ValueError(f"runs in {root} mix tasks {tasks}; aggregate one task at a time")
@@ -308,7 +310,7 @@ def run_aggregate(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vit_adapter.analysis.aggregate", description=__doc__.split("\n")[0])
-    p.add_argument("--runs", type=Path, default=Path("results/runs"), help="directory of <variant>-s<seed>/ runs")
+    p.add_argument("--runs", type=Path, default=Path("results/runs"), help="directory of <variant>/s<seed>/ runs")
     p.add_argument("--out", type=Path, default=Path("results"), help="where the CSV/Markdown tables go")
     p.add_argument("--metric", default=None, help="primary metric (default: mIoU for seg, bbox_mAP for det)")
     p.add_argument("--paper", type=Path, default=None, help="paper numbers YAML (default ablations/paper_numbers.yml)")

@@ -566,9 +566,9 @@ def _section_regenerate() -> list[str]:
         "reports/ablation_report.md`.",
         "- The paper's setting: `dvc exp run -S profile=paper` (ViT-S + Mask R-CNN 1× on COCO; needs the data and "
         "GPUs). One run by hand: `vit-adapter train --config coco_maskrcnn_1x_s --overlay <variant> --seed <k> "
-        "--out results/runs/<variant>-s<k>`.",
+        "--out results/runs/<variant>/s<k>`.",
         "- Multi-GPU: `torchrun --nproc_per_node=8 -m vit_adapter.cli train --config coco_maskrcnn_1x_s "
-        "--overlay full --seed 0 --set data.batch_size=2 --set model.norm=syncbn --out results/runs/full-s0` "
+        "--overlay full --seed 0 --set data.batch_size=2 --set model.norm=syncbn --out results/runs/full/s0` "
         "(data.batch_size is per process: 8 GPUs × 2 = the paper's total batch 16, facts §2).",
         "- More seeds narrow the CIs (from 10 paired seeds the CI switches to a percentile bootstrap).",
         "",
