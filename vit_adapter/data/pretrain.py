@@ -25,8 +25,8 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 _STREAM = 0x7072  # separates these images' random streams from the scene generator's
 # Bumped whenever render_item_image changes its pixels: npz caches from another version are refused.
-# 2: bright item on a background dimmed to 20-45 %, rotation ±5°, shift ≤ an eighth of the free margin.
-RENDER_VERSION = 2
+# 2: bright item on a dimmed background; 3: background 15-35 %, upright items, shift ≤ 1/8 of the margin.
+RENDER_VERSION = 3
 _SPLITS = {"train": 0, "val": 1}
 
 Augment = Callable[[torch.Tensor], torch.Tensor]
@@ -44,7 +44,7 @@ def render_item_image(
     size: int,
     textures: tuple[Any, ...],
     item_scale: tuple[float, float] = (0.65, 0.9),
-    background_gain: tuple[float, float] = (0.2, 0.45),
+    background_gain: tuple[float, float] = (0.15, 0.35),
 ) -> np.ndarray:
     """One (size, size, 3) uint8 image: a dimmed textured background and one bright item of random hue.
 
@@ -55,7 +55,7 @@ def render_item_image(
     canvas *= rng.uniform(*background_gain)
     side = rng.uniform(*item_scale) * size
     a = np.sqrt(rng.uniform(0.85, 1.15))
-    alpha, shade = render.silhouette_maps(sil, max(2, round(side * a)), max(2, round(side / a)), rng.uniform(-5, 5))
+    alpha, shade = render.silhouette_maps(sil, max(2, round(side * a)), max(2, round(side / a)), 0.0)  # upright
     h, w = alpha.shape
     # Centred (as in Fashion-MNIST), shifted by at most an eighth of the free margin.
     top = (size - h) // 2 + int(rng.integers(-(abs(size - h) // 8), abs(size - h) // 8 + 1))
