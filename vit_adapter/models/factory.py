@@ -30,7 +30,7 @@ _SIZES: dict[str, dict[str, Any]] = {
         deform_ratio=1.0,
         drop_path_rate=0.1,
         conv_inplane=32,
-        pretrain_size=128,
+        pretrain_size=48,  # the offline pretraining's resolution (docs/pretraining.md): 3x3 grid, resized bicubically
     ),
 }
 
