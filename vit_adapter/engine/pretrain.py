@@ -1,0 +1,637 @@
+"""Offline supervised pretraining of the plain ViT on textured Fashion-MNIST (the ImageNet stand-in, CPU-sized).
+
+The official ViT-Adapter starts from an ImageNet-pretrained ViT (DeiT, AugReg, BEiT). On a 2-core CPU without
+network access we replace ImageNet by ``vit_adapter.data.pretrain.TexturedFashionMNIST``: 10-way classification
+of one Fashion-MNIST item drawn on real scikit-image textures. The model is the preset's ``PlainViT`` (built at
+``pretrain_size = image_size``) plus a classification head: mean-pooled tokens -> LayerNorm -> Linear. Only the
+ViT goes into the output ``.safetensors`` (timm/PlainViT key names, loadable with ``load_vit_state_dict``); the
+head is written beside it as ``<stem>.head.safetensors`` so the reported top-1 can be re-measured from files.
+
+Recipe (docs/pretraining.md has the tuning runs): images rendered once into memory (optionally an npz cache),
+batched random-resized-crop + horizontal flip on the whole batch, AdamW with linear warmup and cosine decay,
+label smoothing, gradient clipping. Top-1 is measured on the 'val' split, whose items are Fashion-MNIST *test*
+items, so nothing is shared with training. Runs are deterministic for a given seed and thread count, unless a
+``time_budget_s`` cuts the run short (then the schedule follows wall time; the sidecar says so).
+
+Heavy imports (torch, timm) happen inside functions so that building the CLI parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from vit_adapter.models.vit import PlainViT
+
+log = logging.getLogger(__name__)
+
+NUM_CLASSES = 10
+N_TRAIN_MAX = 60_000  # Fashion-MNIST training items
+N_VAL_MAX = 10_000  # Fashion-MNIST test items (our held-out 'val' split)
+HEAD_SUFFIX = ".head.safetensors"
+# ViT constructor arguments taken from a preset (the adapter-only ones are ignored here).
+_VIT_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "layer_scale", "drop_path_rate")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that determines a pretraining run (recorded in the sidecar under ``config``).
+
+    Defaults are the tuned CPU recipe (docs/pretraining.md). ``image_size=None`` means 48 px for the CPU
+    preset (the tuned size) and the preset's ``pretrain_size`` otherwise; ``steps`` and ``epochs`` are
+    alternatives (``steps`` wins if both are given; neither means ``DEFAULT_STEPS``).
+    """
+
+    preset: str = "vit_cpu"
+    image_size: int | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    beta2: float = 0.999
+    warmup_steps: int = 200
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 1.0
+    drop_path_rate: float | None = 0.0  # None: the preset's rate; short runs do better without (tuning table)
+    n_train: int = 20_000
+    n_val: int = 2_000
+    data_seed: int = 0  # rendering seed of the images; separate from the training seed so caches are shared
+    item_scale: tuple[float, float] = (0.65, 0.9)
+    augment: str = "none"  # 'crop_flip' (random resized crop + flip), 'flip' or 'none'; none won at this budget
+    pos_init: str = "sincos"  # 'sincos' (2-D sin-cos, MAE-style) or 'normal' (PlainViT's trunc-normal, std .02)
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    crop_ratio: tuple[float, float] = (0.8, 1.25)
+    # Photometric inversion (255 - x) of this fraction of the images: dark items on bright textures, the other
+    # polarity, which the downstream scenes have and the pretraining images (bright item, dim texture) lack.
+    invert_prob: float = 0.0
+    seed: int = 0
+    threads: int | None = None
+    time_budget_s: float | None = None
+    cache_dir: str | None = None
+    eval_batch_size: int = 250
+    log_every: int = 100
+
+    def resolved_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is None:
+            return DEFAULT_STEPS
+        return max(1, math.ceil(self.epochs * self.n_train / self.batch_size))
+
+
+DEFAULT_STEPS = 2000
+# Pretraining resolution when image_size is None: tuned for the CPU preset (3x3 tokens; docs/pretraining.md).
+TUNED_IMAGE_SIZE = {"vit_cpu": 48, "vit_adapter_cpu": 48}
+AUGMENTS = ("crop_flip", "flip", "none")
+POS_INITS = ("normal", "sincos")
+
+
+# Types of the scalar options (a string from a config file would otherwise fail deep inside with a TypeError).
+_NUM = (int, float)
+_TYPES: dict[str, Any] = {
+    "preset": str,
+    "image_size": int,
+    "steps": int,
+    "epochs": _NUM,
+    "batch_size": int,
+    "lr": _NUM,
+    "min_lr": _NUM,
+    "weight_decay": _NUM,
+    "beta2": _NUM,
+    "warmup_steps": int,
+    "label_smoothing": _NUM,
+    "invert_prob": _NUM,
+    "grad_clip": _NUM,
+    "drop_path_rate": _NUM,
+    "n_train": int,
+    "n_val": int,
+    "data_seed": int,
+    "augment": str,
+    "pos_init": str,
+    "seed": int,
+    "threads": int,
+    "time_budget_s": _NUM,
+    "eval_batch_size": int,
+    "log_every": int,
+}
+_OPTIONAL = {"image_size", "steps", "epochs", "grad_clip", "drop_path_rate", "threads", "time_budget_s"}
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def vit_kwargs(preset: str, image_size: int | None, drop_path_rate: float | None) -> dict[str, Any]:
+    """``PlainViT`` constructor arguments of ``preset`` at ``pretrain_size = image_size`` (global attention)."""
+    from vit_adapter.models.factory import preset_kwargs
+
+    kw = preset_kwargs(preset, "seg")  # raises ValueError naming the known presets
+    out = {k: kw[k] for k in _VIT_KEYS if k in kw}
+    if image_size is None:
+        image_size = TUNED_IMAGE_SIZE.get(preset, kw.get("pretrain_size", 224))
+    out["pretrain_size"] = int(image_size)
+    if drop_path_rate is not None:
+        out["drop_path_rate"] = float(drop_path_rate)
+    return out
+
+
+def validate(cfg: PretrainConfig) -> dict[str, Any]:
+    """Check every argument; return the resolved ViT kwargs. Raises one ValueError naming the problem."""
+    for name, kind in _TYPES.items():
+        value = getattr(cfg, name)
+        ok = value is None and name in _OPTIONAL or (isinstance(value, kind) and not isinstance(value, bool))
+        _check(ok, f"{name} must be {kind.__name__ if isinstance(kind, type) else 'a number'}, got {value!r}")
+    vkw = vit_kwargs(cfg.preset, cfg.image_size, cfg.drop_path_rate)
+    patch, size = vkw.get("patch_size", 16), vkw["pretrain_size"]
+    _check(size >= patch and size % patch == 0, f"image_size must be a positive multiple of {patch}, got {size}")
+    _check(cfg.steps is None or cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
+    _check(cfg.epochs is None or cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}")
+    _check(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
+    _check(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number, got {cfg.lr}")
+    _check(0 <= cfg.min_lr <= cfg.lr, f"min_lr must be in [0, lr={cfg.lr}], got {cfg.min_lr}")
+    _check(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    _check(0 < cfg.beta2 < 1, f"beta2 must be in (0, 1), got {cfg.beta2}")
+    _check(cfg.warmup_steps >= 0, f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    _check(0 <= cfg.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    _check(cfg.grad_clip is None or cfg.grad_clip > 0, f"grad_clip must be > 0 or None, got {cfg.grad_clip}")
+    _check(vkw.get("drop_path_rate", 0.0) >= 0, f"drop_path_rate must be >= 0, got {cfg.drop_path_rate}")
+    _check(1 <= cfg.n_train <= N_TRAIN_MAX, f"n_train must be in 1..{N_TRAIN_MAX}, got {cfg.n_train}")
+    _check(1 <= cfg.n_val <= N_VAL_MAX, f"n_val must be in 1..{N_VAL_MAX}, got {cfg.n_val}")
+    lo, hi = cfg.item_scale
+    _check(0 < lo <= hi <= 1, f"item_scale must satisfy 0 < lo <= hi <= 1, got {cfg.item_scale}")
+    _check(cfg.augment in AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
+    _check(0 <= cfg.invert_prob <= 1, f"invert_prob must be in [0, 1], got {cfg.invert_prob}")
+    _check(cfg.pos_init in POS_INITS, f"pos_init must be one of {', '.join(POS_INITS)}, got {cfg.pos_init!r}")
+    lo, hi = cfg.crop_scale
+    _check(0 < lo <= hi <= 1, f"crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+    lo, hi = cfg.crop_ratio
+    _check(0 < lo <= hi, f"crop_ratio must satisfy 0 < lo <= hi, got {cfg.crop_ratio}")
+    _check(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    _check(cfg.time_budget_s is None or cfg.time_budget_s > 0, f"time_budget_s must be > 0, got {cfg.time_budget_s}")
+    _check(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
+    _check(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
+    return vkw
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: render once into uint8 memory; augment whole batches.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def head_path(out: str | Path) -> Path:
+    """Where the classification head of the weights file ``out`` is stored."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".safetensors") + HEAD_SUFFIX)
+
+
+def render_split(
+    split: str, image_size: int, n: int, data_seed: int, item_scale: tuple[float, float], cache_dir: str | None
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(images uint8 (N, 3, S, S), labels int64 (N,), silhouette source) of one split, via an npz cache if given.
+
+    Rendering (~2-4 ms an image) is done once; training then reads from memory, so every epoch costs only the
+    model. The cache holds exactly what a fresh render produces (the generator is deterministic).
+    """
+    import numpy as np
+    import torch
+
+    from vit_adapter.data._io import DataError
+    from vit_adapter.data.pretrain import RENDER_VERSION, TexturedFashionMNIST
+
+    ds = None
+    cache = None
+    if cache_dir is not None:
+        tag = f"{item_scale[0]:g}-{item_scale[1]:g}"
+        name = f"tfmnist_v{RENDER_VERSION}_{split}_{image_size}px_n{n}_seed{data_seed}_scale{tag}.npz"
+        cache = Path(cache_dir) / name
+        if cache.is_file():
+            try:
+                ds = TexturedFashionMNIST.from_npz(cache)
+            except DataError as err:  # stale or damaged cache: render afresh and replace it
+                log.warning("re-rendering %s: %s", cache, err)
+    if ds is None:
+        ds = TexturedFashionMNIST(split, image_size=image_size, n=n, seed=data_seed, item_scale=item_scale)
+        if cache is not None:
+            ds.save_npz(cache)  # renders every image once, atomically written
+    x = torch.from_numpy(np.ascontiguousarray(ds.images())).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor(np.array(ds.labels[:n]), dtype=torch.int64)  # a copy: the npz arrays are read-only
+    return x, y, ds.source
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 255] float (B, 3, S, S) -> ImageNet-normalised float, exactly as the dataset does it."""
+    import torch
+
+    from vit_adapter.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / 255.0
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) / 255.0
+    return (x.float() / 255.0 - mean) / std
+
+
+def batch_augment(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    scale: tuple[float, float] = (0.6, 1.0),
+    ratio: tuple[float, float] = (0.8, 1.25),
+    flip: bool = True,
+) -> torch.Tensor:
+    """Random resized crop + horizontal flip of a whole float batch in one ``grid_sample`` call.
+
+    Why batched: torchvision's per-image transforms cost ~1 ms an image, a quarter of a 64 px training step.
+    Each sample draws an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio`` (as
+    torchvision's RandomResizedCrop), the crop is clamped inside the image and resampled bilinearly.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    area = torch.empty(b).uniform_(scale[0], scale[1], generator=gen)
+    log_r = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    r = torch.exp(log_r)
+    w = torch.sqrt(area * r).clamp(max=1.0)  # crop width / image width
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (torch.rand(b, generator=gen) * 2 - 1) * (1 - w)  # crop centre in [-1, 1] coords, inside the image
+    cy = (torch.rand(b, generator=gen) * 2 - 1) * (1 - h)
+    sx = w
+    if flip:
+        sx = torch.where(torch.rand(b, generator=gen) < 0.5, -w, w)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_head(embed_dim: int, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """LayerNorm -> Linear on mean-pooled tokens (keys ``norm.*``, ``fc.*``)."""
+    from timm.layers import trunc_normal_
+    from torch import nn
+
+    head = nn.Sequential(OrderedDict(norm=nn.LayerNorm(embed_dim, eps=1e-6), fc=nn.Linear(embed_dim, num_classes)))
+    trunc_normal_(head.fc.weight, std=0.02)
+    nn.init.zeros_(head.fc.bias)
+    return head
+
+
+def init_sincos_pos_embed(vit: PlainViT) -> None:
+    """Overwrite the (learned) position embedding with a 2-D sin-cos one (MAE-style init, then trained).
+
+    Why: with std .02 the position signal is tiny next to the patch embeddings, and mean pooling then sees
+    little more than the average patch; a unit-scale position code lets the blocks use layout from step one.
+    """
+    import torch
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    pe = build_sincos2d_pos_embed(list(vit.pretrain_grid), vit.embed_dim)
+    with torch.no_grad():
+        vit.pos_embed.copy_(pe.reshape(vit.pos_embed.shape))
+
+
+def classify(vit: PlainViT, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits of normalised images: the ViT has no class token, so its tokens are mean-pooled."""
+    return head(vit(x).mean(dim=1))
+
+
+def evaluate_top1(
+    vit: PlainViT, head: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250
+) -> float:
+    """Top-1 accuracy of (vit, head) on uint8 images (N, 3, S, S), in eval mode, without gradients."""
+    import torch
+
+    was = vit.training, head.training
+    vit.eval()
+    head.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(labels), batch_size):
+            logits = classify(vit, head, normalize(images[i : i + batch_size]))
+            correct += int((logits.argmax(dim=1) == labels[i : i + batch_size]).sum())
+    vit.train(was[0])
+    head.train(was[1])
+    return correct / len(labels)
+
+
+def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, LayerScale gammas and the position embedding (all <= 1-D or pos)."""
+    decay, no_decay = [], []
+    for m in modules:
+        for name, p in m.named_parameters():
+            (no_decay if p.ndim <= 1 or name == "pos_embed" else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(progress: float, step: int, cfg: PretrainConfig) -> float:
+    """Linear warmup over ``warmup_steps`` then cosine from ``lr`` to ``min_lr`` over ``progress`` in [0, 1]."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    cos = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return warm * (cfg.min_lr + (cfg.lr - cfg.min_lr) * cos)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Timer:
+    start: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def pretrain(
+    preset: str = "vit_cpu",
+    *,
+    out: str | Path,
+    image_size: int | None = None,
+    steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = PretrainConfig.batch_size,
+    lr: float = PretrainConfig.lr,
+    seed: int = 0,
+    threads: int | None = None,
+    time_budget_s: float | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Pretrain the preset's ``PlainViT`` as a classifier and write ``out`` (+ head file + ``out.json``).
+
+    ``options`` are the remaining ``PretrainConfig`` fields (``n_train``, ``n_val``, ``warmup_steps``,
+    ``weight_decay``, ``min_lr``, ``label_smoothing``, ``augment``, ``crop_scale``, ``drop_path_rate``,
+    ``cache_dir``, ...). Returns the sidecar dict: source, preset, image_size, top1, steps, seconds, seed,
+    config, output_sha256, head file + sha256, timings and run metadata.
+    """
+    known = set(PretrainConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    _check(not unknown, f"unknown pretrain option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    cfg = PretrainConfig(
+        preset=preset,
+        image_size=image_size,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        threads=threads,
+        time_budget_s=time_budget_s,
+        **options,
+    )
+    return run(cfg, out)
+
+
+def run(cfg: PretrainConfig, out: str | Path) -> dict[str, Any]:
+    """``pretrain`` with a ready config (see there)."""
+    out = Path(out)
+    _check(out.suffix == ".safetensors", f"out must be a .safetensors file, got {out}")
+    vkw = validate(cfg)
+    import torch
+
+    old_threads = torch.get_num_threads()
+    try:
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        # While the loss sits on its initial plateau, many gradients and Adam second moments are denormal
+        # floats, which x86 CPUs process ~100x slower; flushing them to zero made early steps ~2x faster.
+        torch.set_flush_denormal(True)
+        # fork_rng: the run seeds torch's global RNG (model init, drop-path) without disturbing the caller's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return _run(cfg, vkw, out)
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.set_flush_denormal(False)  # torch's default (there is no getter to restore an earlier state)
+
+
+def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from vit_adapter.data.pretrain import RENDER_VERSION
+    from vit_adapter.engine.rundir import atomic_write_json, run_metadata
+    from vit_adapter.engine.weights import _save_safetensors, sha256_file, sidecar_path
+    from vit_adapter.models.vit import PlainViT
+
+    timer = _Timer()
+    cpu0 = time.process_time()
+    size = vkw["pretrain_size"]
+    x_train, y_train, source = render_split("train", size, cfg.n_train, cfg.data_seed, cfg.item_scale, cfg.cache_dir)
+    x_val, y_val, _ = render_split("val", size, cfg.n_val, cfg.data_seed, cfg.item_scale, cfg.cache_dir)
+    render_s = timer.elapsed()
+    log.info("rendered %d train + %d val images at %d px in %.1f s", cfg.n_train, cfg.n_val, size, render_s)
+
+    vit = PlainViT(**vkw, window_attn=False)
+    if cfg.pos_init == "sincos":
+        init_sincos_pos_embed(vit)
+    head = build_head(vkw["embed_dim"])
+    vit.train()
+    head.train()
+    opt = torch.optim.AdamW(_param_groups([vit, head], cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    total = cfg.resolved_steps()
+    gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation
+    n = cfg.n_train
+    bs = min(cfg.batch_size, n)
+    batches_per_epoch = max(1, n // bs)  # drop_last: equal batch sizes keep the step cost uniform
+
+    step, epoch, perm = 0, 0, torch.randperm(n, generator=gen)
+    time_limited = False
+    history: list[dict[str, float]] = []
+    run_loss = run_correct = run_seen = 0.0
+    t_train = time.perf_counter()
+    while step < total:
+        if step > 0 and step % batches_per_epoch == 0:
+            epoch += 1
+            perm = torch.randperm(n, generator=gen)
+        progress = step / total
+        if cfg.time_budget_s is not None and step > 0:
+            # Keep time for the final evaluation (a forward pass costs about a third of a training step); if
+            # the run is slower than the step plan, the schedule follows wall time instead (non-deterministic).
+            per_img = (time.perf_counter() - t_train) / (step * bs)
+            usable = cfg.time_budget_s - render_s - per_img / 3 * cfg.n_val - 2.0
+            time_frac = (time.perf_counter() - t_train + per_img * bs) / max(usable, 1e-9)
+            if time_frac >= 1.0:
+                break
+            if time_frac > progress:
+                time_limited, progress = True, time_frac
+        lr = lr_at(progress, step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = perm[(step % batches_per_epoch) * bs : (step % batches_per_epoch + 1) * bs]
+        xb = x_train[idx].float()
+        if cfg.augment == "crop_flip":
+            xb = batch_augment(xb, gen, cfg.crop_scale, cfg.crop_ratio)
+        elif cfg.augment == "flip":
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        if cfg.invert_prob > 0:  # drawn only when used, so runs without it keep their random stream
+            inv = torch.rand(len(idx), generator=gen) < cfg.invert_prob
+            xb = torch.where(inv[:, None, None, None], 255.0 - xb, xb)
+        yb = y_train[idx]
+        logits = classify(vit, head, normalize(xb))
+        loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        run_loss += float(loss.detach()) * len(yb)
+        run_correct += float((logits.argmax(1) == yb).sum())
+        run_seen += len(yb)
+        if step % cfg.log_every == 0 or step == total:
+            rec = {
+                "step": step,
+                "epoch": round(step * bs / n, 3),
+                "lr": lr,
+                "train_loss": round(run_loss / run_seen, 4),
+                "train_top1": round(run_correct / run_seen, 4),
+                "seconds": round(timer.elapsed(), 1),
+            }
+            history.append(rec)
+            log.info("pretrain %s", rec)
+            run_loss = run_correct = run_seen = 0.0
+    train_s = time.perf_counter() - t_train
+
+    t_eval = time.perf_counter()
+    top1 = evaluate_top1(vit, head, x_val, y_val, cfg.eval_batch_size)
+    eval_s = time.perf_counter() - t_eval
+
+    _save_safetensors(vit.state_dict(), out)
+    hpath = head_path(out)
+    _save_safetensors(head.state_dict(), hpath)
+    seconds = timer.elapsed()
+    result: dict[str, Any] = {
+        "source": "pretrain",
+        "preset": cfg.preset,
+        "image_size": size,
+        "top1": top1,
+        "top1_split": f"val (Fashion-MNIST test items 0..{cfg.n_val - 1}, held out)",
+        "steps": step,
+        "planned_steps": total,
+        "epochs_seen": round(step * bs / n, 3),
+        "time_limited": time_limited or step < total,
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu0, 1),  # this process; wall > cpu when cores are shared
+        "timings_s": {"render": round(render_s, 1), "train": round(train_s, 1), "eval": round(eval_s, 1)},
+        "seed": cfg.seed,
+        "threads": torch.get_num_threads(),
+        "config": _jsonable(asdict(cfg)),
+        "vit_kwargs": vkw,
+        "silhouettes": source,
+        "render_version": RENDER_VERSION,
+        "n_params_vit": int(sum(p.numel() for p in vit.parameters())),
+        "output_sha256": sha256_file(out),
+        "head_file": hpath.name,
+        "head_sha256": sha256_file(hpath),
+        "history": history,
+        "metadata": run_metadata(),
+    }
+    atomic_write_json(sidecar_path(out), result)
+    log.info("pretrain done: top1 %.4f after %d steps in %.0f s -> %s", top1, step, seconds, out)
+    return result
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def load_pretrained(out: str | Path) -> tuple[PlainViT, nn.Module, dict[str, Any]]:
+    """Rebuild (vit, head, sidecar) from a pretraining output, e.g. to re-measure its top-1."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from vit_adapter.engine.weights import load_weights, sidecar_path
+    from vit_adapter.models.vit import PlainViT, load_vit_state_dict
+
+    out = Path(out)
+    side = sidecar_path(out)
+    _check(side.is_file(), f"no sidecar {side} next to {out}")
+    meta = json.loads(side.read_text(encoding="utf-8"))
+    vit = PlainViT(**meta["vit_kwargs"])
+    report = load_vit_state_dict(vit, load_weights(out))
+    _check(not report.missing, f"{out} lacks ViT weights: {', '.join(report.missing)}")
+    head = build_head(meta["vit_kwargs"]["embed_dim"])
+    head.load_state_dict(load_file(str(out.with_name(meta["head_file"]))))
+    return vit.eval(), head.eval(), meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI glue (wired into `vit-adapter pretrain` by vit_adapter/cli.py)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = PretrainConfig()
+    parser.add_argument("--preset", default=d.preset, help="ViT preset (vit_cpu, vit_t, ...; vit_adapter_* too)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="pretraining resolution (default: 48 for the CPU preset)"
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    group.add_argument("--epochs", type=float, default=None, help="epochs over --n-train (instead of --steps)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training images (<= {N_TRAIN_MAX})")
+    parser.add_argument("--n-val", type=int, default=d.n_val, help=f"held-out images for top-1 (<= {N_VAL_MAX})")
+    parser.add_argument("--augment", choices=AUGMENTS, default=d.augment)
+    parser.add_argument("--invert-prob", type=float, default=d.invert_prob, help="photometric inversion rate")
+    parser.add_argument("--pos-init", choices=POS_INITS, default=d.pos_init, help="position-embedding init")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--out", type=Path, default=Path("weights/vit_cpu_pretrained.safetensors"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; the schedule shrinks to fit")
+    parser.add_argument("--cache-dir", default="data/pretrain_cache", help="npz cache of the rendered images")
+    parser.add_argument("--no-cache", action="store_true", help="render in memory only")
+    return parser
+
+
+def run_pretrain_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.setLevel(logging.INFO)
+    return pretrain(
+        args.preset,
+        out=args.out,
+        image_size=args.image_size,
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        threads=args.threads,
+        time_budget_s=args.time_budget,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        augment=args.augment,
+        pos_init=args.pos_init,
+        invert_prob=args.invert_prob,
+        cache_dir=None if args.no_cache else args.cache_dir,
+    )
