@@ -162,6 +162,29 @@ def _plan(shapes: tuple[tuple[int, int], ...], n_points: int, device: torch.devi
         )
 
 
+@functools.lru_cache(maxsize=64)
+def _row_constants(
+    shapes: tuple[tuple[int, int], ...],
+    n_points: int,
+    device: torch.device,
+    batch: int,
+    heads: int,
+    index_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Integer constants of the table-row formula: (b*S' + origin_l)*M + m as (B, 1, M, L*P), the y step
+    (W_l+3)*M as (L*P,) and the 4 corner offsets * M as (4, L*P)."""
+    plan = _plan(shapes, n_points, device, torch.float32)  # only shape fields are used
+    with torch.inference_mode(False):
+        b = torch.arange(batch, device=device)[:, None, None, None] * plan.padded_length
+        m = torch.arange(heads, device=device)[None, None, :, None]
+        row_origin = (b + plan.origin) * heads + m
+        return (
+            row_origin.to(index_dtype),
+            (plan.stride_y * heads).to(index_dtype),
+            (plan.corners * heads).to(index_dtype),
+        )
+
+
 class _BilinearBagAttn(torch.autograd.Function):
     """Autograd wrapper of the fast path; see `ms_deform_attn_pytorch` for the algorithm."""
 
@@ -188,16 +211,12 @@ class _BilinearBagAttn(torch.autograd.Function):
         # A NaN location keeps NaN weights (NaN output, as grid_sample gives) but needs a valid index.
         base = base.nan_to_num_(nan=-1.0).view(n_bags, lp, 2)
 
-        # Table row of the top-left corner: ((b*S' + token) * M + m), token = origin + y*(W+3) + x.
+        # Table row of the top-left corner: (b*S' + origin + y*(W+3) + x) * M + m, in two fused integer ops.
         base = base.to(index_dtype)
-        token = torch.addcmul(base[..., 0] + plan.origin.to(index_dtype), base[..., 1], plan.stride_y.to(index_dtype))
-        bm = torch.arange(batch, device=value.device, dtype=index_dtype)[:, None] * (plan.padded_length * heads)
-        bm = bm + torch.arange(heads, device=value.device, dtype=index_dtype)
-        top_left = token.view(batch, n_query, heads, lp).mul_(heads).add_(bm[:, None, :, None]).view(n_bags, lp)
-        corner_offsets = (plan.corners * heads).to(index_dtype)
-        rows = torch.empty(n_bags, 4, lp, dtype=index_dtype, device=value.device)
-        for k in range(4):
-            torch.add(top_left, corner_offsets[k], out=rows[:, k])
+        row_origin, y_step, corner_offsets = _row_constants(shapes, n_points, value.device, batch, heads, index_dtype)
+        top_left = torch.add(row_origin, base[..., 0].view(batch, n_query, heads, lp), alpha=heads)
+        top_left = top_left.addcmul_(base[..., 1].view(batch, n_query, heads, lp), y_step).view(n_bags, lp)
+        rows = top_left[:, None, :] + corner_offsets  # (bags, 4, L*P)
 
         # Corner weights attention * (1-fy|fy) * (1-fx|fx), in the corner order of `corners`.
         fx, fy = frac[..., 0], frac[..., 1]
@@ -292,7 +311,7 @@ def _value_grad(
     bag_of_point = torch.div(order, lp, rounding_mode="floor")  # which grad row each sorted point reads
     # Corner-major samples: corner k of the sorted points feeds output block k (rows k*n_rows ...).
     corner_weights = weights.transpose(0, 1).reshape(4, n_points).index_select(1, order)
-    offsets = torch.cat([starts + k * n_points for k in range(4)])
+    offsets = (starts + torch.arange(0, 4 * n_points, n_points, device=starts.device)[:, None]).view(-1)
     per_corner = F.embedding_bag(
         bag_of_point.repeat(4), grad_rows, offsets, per_sample_weights=corner_weights.view(-1), mode="sum"
     ).view(4, batch, padded_length, heads, head_dim)
