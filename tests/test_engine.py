@@ -133,8 +133,8 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, data_root,
     weights = tmp_path / "w.pth"
     torch.save({"pos_embed": torch.zeros(1, 17, 64)}, weights)
     cases["weights sha mismatch"] = (
-        ["--set", "weights.init=pretrained", "--set", f"weights.source={weights}", "--set", "weights.sha256=" + "0" * 64,
-         "--set", f"weights.cache_dir={tmp_path / 'cache'}"],
+        ["--set", "weights.init=pretrained", "--set", f"weights.source={weights}",
+         "--set", "weights.sha256=" + "0" * 64, "--set", f"weights.cache_dir={tmp_path / 'cache'}"],
         "sha256",
     )
     for name, (extra, needle) in cases.items():

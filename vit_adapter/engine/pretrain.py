@@ -7,11 +7,13 @@ of one Fashion-MNIST item drawn on real scikit-image textures. The model is the 
 ViT goes into the output ``.safetensors`` (timm/PlainViT key names, loadable with ``load_vit_state_dict``); the
 head is written beside it as ``<stem>.head.safetensors`` so the reported top-1 can be re-measured from files.
 
-Recipe (docs/pretraining.md has the tuning runs): images rendered once into memory (optionally an npz cache),
-batched random-resized-crop + horizontal flip on the whole batch, AdamW with linear warmup and cosine decay,
-label smoothing, gradient clipping. Top-1 is measured on the 'val' split, whose items are Fashion-MNIST *test*
-items, so nothing is shared with training. Runs are deterministic for a given seed and thread count, unless a
-``time_budget_s`` cuts the run short (then the schedule follows wall time; the sidecar says so).
+Recipe (docs/pretraining.md has the tuning runs): 48 px images (3x3 tokens) rendered once into memory (optionally
+an npz cache), 2-D sin-cos init of the position embedding, AdamW with linear warmup and cosine decay, label
+smoothing, gradient clipping, and no augmentation by default (the model underfits at this budget; batched
+random-resized-crop/flip and photometric inversion are options). Top-1 is measured on the 'val' split, whose
+items are Fashion-MNIST *test* items, so nothing is shared with training. Runs are deterministic for a given
+seed and thread count, unless a ``time_budget_s`` cuts the run short (then the schedule follows wall time; the
+sidecar says so).
 
 Heavy imports (torch, timm) happen inside functions so that building the CLI parser stays cheap.
 """
@@ -410,7 +412,7 @@ def run(cfg: PretrainConfig, out: str | Path) -> dict[str, Any]:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         # While the loss sits on its initial plateau, many gradients and Adam second moments are denormal
-        # floats, which x86 CPUs process ~100x slower; flushing them to zero made early steps ~2x faster.
+        # floats, which x86 CPUs process very slowly; without the flush the first 100 steps took ~2x longer.
         torch.set_flush_denormal(True)
         # fork_rng: the run seeds torch's global RNG (model init, drop-path) without disturbing the caller's.
         with torch.random.fork_rng(devices=[]):

@@ -32,7 +32,6 @@ from .config import EXECUTION_KEYS, Config, config_hash, save_config
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir, atomic_torch_save, atomic_write_json, open_run_dir, run_metadata, set_determinism
 
-
 # Tests of the pipeline's crash recovery set this to make a training process SIGKILL itself after iteration N.
 _KILL_AFTER = os.environ.get("VIT_ADAPTER_KILL_AFTER_ITER")
 

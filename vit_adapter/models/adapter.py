@@ -104,9 +104,11 @@ class ConvFFN(nn.Module):
         x = self.fc1(x)
         b, _, ch = x.shape
         parts = torch.split(x, [h * w for h, w in shapes], dim=1)
-        # One set of weights, each map convolved separately so zero padding stays per map (as official).
-        maps = [self.dwconv(p.transpose(1, 2).reshape(b, ch, h, w)) for p, (h, w) in zip(parts, shapes)]
-        x = torch.cat([_tokens(m) for m in maps], dim=1)
+        # One set of weights, each map convolved separately so zero padding stays per map (as official). The
+        # token slices are viewed as channels-last (B, ch, h, w) maps and the outputs viewed back as tokens: no
+        # transpose copies in or out, only the final cat (same values as transposing to NCHW and back).
+        maps = [self.dwconv(p.view(b, h, w, ch).permute(0, 3, 1, 2)) for p, (h, w) in zip(parts, shapes)]
+        x = torch.cat([m.permute(0, 2, 3, 1).reshape(b, h * w, ch) for m, (h, w) in zip(maps, shapes)], dim=1)
         x = self.drop(self.act(x))
         return self.drop(self.fc2(x))
 
@@ -126,7 +128,8 @@ class Injector(nn.Module):
         self.gamma = nn.Parameter(gamma_init * torch.ones(dim))
 
     def forward(self, x: Tensor, c: Tensor, ref: Tensor, shapes: Shapes) -> Tensor:
-        return x + self.gamma * self.attn(self.query_norm(x), ref, self.feat_norm(c), shapes)
+        # x + γ ⊙ attn as one fused op (one pass over the tokens instead of two).
+        return torch.addcmul(x, self.gamma, self.attn(self.query_norm(x), ref, self.feat_norm(c), shapes))
 
 
 class Extractor(nn.Module):
@@ -392,14 +395,14 @@ class ViTAdapter(nn.Module):
             c2, c3, c4 = (p.transpose(1, 2).reshape(b, d, hh, ww) for p, (hh, ww) in zip(parts, c_shapes))
         else:  # no attention reads or writes c: the prior maps pass straight through
             c2, c3, c4 = priors[1:]
-        c1 = self.up(c2) + priors[0]
+        # In place: the transposed conv keeps its input, not its output, for backward (saves a 1/4-res map).
+        c1 = self.up(c2).add_(priors[0])
         outs = [c1, c2, c3, c4]
         if self.add_vit_feature:
-            if self.task == "det":
-                feats = [x] * 4
+            if self.task == "det":  # the final tokens at every level: one (B, D, H, W) copy shared by the four
+                maps = [x.transpose(1, 2).reshape(b, d, *grid)] * 4
             else:
-                feats = [taps[i] for i in self.tap_indices]
-            maps = [f.transpose(1, 2).reshape(b, d, *grid) for f in feats]
+                maps = [taps[i].transpose(1, 2).reshape(b, d, *grid) for i in self.tap_indices]
             scales = (4.0, 2.0, 1.0, 0.5)
             outs = [
                 o + (m if s == 1.0 else F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False))

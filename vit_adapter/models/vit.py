@@ -137,7 +137,9 @@ class PlainViT(nn.Module):
     def embed(self, patches: Tensor) -> Tensor:
         grid = (patches.shape[2], patches.shape[3])
         tokens = patches.flatten(2).transpose(1, 2)
-        return self.pos_drop(tokens + self.resized_pos_embed(grid))
+        # Position embedding first: the sum then takes its contiguous (B, N, D) layout instead of the transposed
+        # view's, and every later residual add and LayerNorm runs on contiguous tokens (same values).
+        return self.pos_drop(self.resized_pos_embed(grid) + tokens)
 
     def run_blocks(
         self, x: Tensor, start: int, stop: int, grid: tuple[int, int], taps: dict[int, Tensor] | None = None
