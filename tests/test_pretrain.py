@@ -56,6 +56,7 @@ def test_writes_loadable_vit_weights_and_sidecar(tiny_run: tuple[Path, dict]) ->
     adapter_vit = create_model("vit_adapter_cpu", task="seg").vit
     report = load_vit_state_dict(adapter_vit, sd)
     assert report.missing == [] and report.unexpected == []
+    assert adapter_vit.pretrain_grid != (2, 2) and report.resized  # 2x2 grid of the tiny run, resized
 
 
 def test_reported_top1_is_an_independent_held_out_measurement(tiny_run: tuple[Path, dict]) -> None:
