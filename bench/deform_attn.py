@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vit_adapter.models.ops import ms_deform_attn  # noqa: E402
 
 HEADS, HEAD_DIM, POINTS = 6, 32, 4
+TOLERANCE = 1e-4  # the model issue's accuracy bar (fp32, on outputs and gradients)
 INJECTOR_LEVELS = [(32, 32), (16, 16), (8, 8)]  # 1/8, 1/16, 1/32 of 256x256
 CASES = {
     # name: (value levels, query grids whose centres are the reference points)
@@ -98,9 +99,10 @@ def run_case(name: str, batch: int, warmup: int, repeats: int) -> dict[str, floa
     ref = forward_backward("reference", levels, inputs, grad_out)
     fast = forward_backward("pytorch", levels, inputs, grad_out)
     diffs = [float((a - b).abs().max()) for a, b in zip(ref, fast)]
-    # float64 truth, to show which fp32 path the d(locations) difference comes from (|grad| reaches ~300)
+    # float64 truth: the fp32 reference itself is off by ~1e-4 on d(locations) (|grad| reaches ~300), so the
+    # 1e-4 bar is checked against the exact result, beside the reference's own error
     exact = forward_backward("reference", levels, [t.double() for t in inputs], grad_out.double())
-    ref_err, fast_err = (float((r[2].double() - exact[2]).abs().max()) for r in (ref, fast))
+    ref_errs, fast_errs = ([float((a.double() - e).abs().max()) for a, e in zip(r, exact)] for r in (ref, fast))
     times, cpu_times = time_interleaved(
         {
             "reference": lambda: forward_backward("reference", levels, inputs, grad_out),
@@ -129,8 +131,12 @@ def run_case(name: str, batch: int, warmup: int, repeats: int) -> dict[str, floa
         "max_diff_grad_loc": diffs[2],
         "max_diff_grad_attn": diffs[3],
         "max_abs_grad_loc": float(exact[2].abs().max()),
-        "grad_loc_err_vs_f64_reference": ref_err,
-        "grad_loc_err_vs_f64_pytorch": fast_err,
+        "grad_loc_err_vs_f64_reference": ref_errs[2],
+        "grad_loc_err_vs_f64_pytorch": fast_errs[2],
+        # max |fp32 - float64| over out, d value, d locations, d attention
+        "max_err_vs_f64_reference": max(ref_errs),
+        "max_err_vs_f64_pytorch": max(fast_errs),
+        "within_1e-4_of_f64": max(fast_errs) <= TOLERANCE,
     }
 
 
@@ -188,6 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{r['case']:<10} {r['queries']:>5} {r['reference_ms']:>13.2f} {r['pytorch_ms']:>11.2f} "
             f"{r['speedup']:>8.2f}x {best:>16} {cpu:>16} {diffs:>30} {errs:>25}"
+        )
+    for r in results:
+        verdict = "within" if r["within_1e-4_of_f64"] else "NOT within"
+        print(
+            f"{r['case']}: fast path max|fp32 - float64| = {r['max_err_vs_f64_pytorch']:.1e} ({verdict} "
+            f"{TOLERANCE:.0e}); fp32 reference: {r['max_err_vs_f64_reference']:.1e}"
         )
     for name, table in profiles.items():
         print(f"\nprofile of the fast path, {name}:\n{table}")

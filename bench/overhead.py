@@ -307,6 +307,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "only this process's work (with more threads it also counts OpenMP spin-waiting)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON line with all results at the end")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON results to this file (atomically)")
     p.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
     p.add_argument("--profile", action="store_true", help="also print a per-component profile of the adapter step")
     p.add_argument("--profile-steps", type=int, default=2)
@@ -355,6 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table(results))
     if args.json:
         print(json.dumps(results))
+    if args.out is not None:
+        from vit_adapter.engine.rundir import atomic_write_json
+
+        atomic_write_json(args.out, results)
     return 0
 
 

@@ -305,7 +305,7 @@ def test_report_optional_sections(pipeline: dict[str, Path], tmp_path: Path) -> 
     text = out.read_text()
     assert "trials.csv" in text and '"lr": 0.001' in text and "vit_adapter_t" in text and "2.50" in text
     assert "| top1   | 0.42 " in text and "](figs/pretrain_curve.png)" in text
-    assert "cpu_default" in text and "| train | 12.5 " in text
+    assert "cpu_default" in text and "## Stage timings" in text and "| train " in text and "other 0.2 min" in text
     import hashlib
 
     assert hashlib.sha256(lock.read_bytes()).hexdigest() in text

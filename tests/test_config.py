@@ -62,6 +62,7 @@ def test_expected_files_exist() -> None:
         "n2",
         "n6",
         "baseline_compute_matched",
+        "baseline_scratch",
     }
     assert {p.stem for p in OVERLAYS} == expected
 
@@ -84,7 +85,10 @@ def test_every_profile_loads(profile: Path) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
 def test_every_overlay_touches_only_model_and_loads(overlay: Path) -> None:
     raw = yaml.safe_load(overlay.read_text())
-    assert set(raw) == {"model"}
+    # structural flags only; the pretraining check also changes the initialisation, nothing else
+    assert set(raw) == ({"model", "weights"} if overlay.stem == "baseline_scratch" else {"model"})
+    if overlay.stem == "baseline_scratch":
+        assert raw["weights"] == {"init": "scratch"}
     text = overlay.read_text()
     assert "Table 6" in text or "Table 7" in text or "ours" in text  # the comment names the paper row
     for profile in ("cpu_default", "coco_maskrcnn_1x_s"):
@@ -107,6 +111,7 @@ ABLATION_TABLE = {
     "n2": (True, "attention", True, "adapter", "deformable", 2),
     "n6": (True, "attention", True, "adapter", "deformable", 6),
     "baseline_compute_matched": (False, "none", False, "baseline", None, 0),
+    "baseline_scratch": (False, "none", False, "baseline", None, 0),
 }
 
 
@@ -241,6 +246,9 @@ def test_type_errors_name_key_value_and_allowed(tmp_path: Path) -> None:
 
 
 def test_consistency_checks() -> None:
+    with pytest.raises(ConfigError, match=r"data\.label_mode.*num_classes 2"):
+        load_config("cpu_default", sets=["head.num_classes=11"])
+    assert load_config("cpu_default", sets=["head.num_classes=11", "data.label_mode=classes"]).head.num_classes == 11
     with pytest.raises(ConfigError, match=r"head\.type = 'semfpn'.*'det'"):
         load_config("cpu_default", sets=["model.task=det"])
     with pytest.raises(ConfigError, match=r"data\.image_size = 100 .*multiple of 32"):
@@ -250,7 +258,7 @@ def test_consistency_checks() -> None:
     with pytest.raises(ConfigError, match=r"weights\.source"):
         load_config(None, sets=["weights.init=pretrained"])
     # A consistent switch of all three is fine.
-    cfg = load_config("cpu_default", sets=["model.task=det", "head.type=mask_rcnn"])
+    cfg = load_config("cpu_default", sets=["model.task=det", "head.type=mask_rcnn", "data.label_mode=classes"])
     assert cfg.model.task == "det"
 
 

@@ -223,6 +223,14 @@ def test_ade_loader_on_generated_data(gen: dict[str, Path]) -> None:
     assert torch.equal(t1[t0 > 0], t0[t0 > 0] - 1)
     x, y = collate_segmentation([ds[0], ds[1]])
     assert x.shape == (2, 3, 64, 64) and y.shape == (2, 64, 64)
+    # object vs background (the CPU default's label mode): every class -> 1, background and ignore kept
+    fg = build_dataset("ade20k", gen["a"], "val", foreground_only=True)
+    assert fg.num_classes == 2 and fg.classes == ["background", "foreground"]
+    _, t2 = fg[0]
+    assert torch.equal(t2 == 0, t0 == 0) and torch.equal(t2 == 1, (t0 > 0) & (t0 != 255)) and (t0 > 1).any()
+    assert torch.equal(fg.original_target(0), (raw.original_target(0) > 0).long())
+    with pytest.raises(DataError, match="background class 0"):
+        build_dataset("ade20k", gen["a"], "val", foreground_only=True, reduce_zero_label=True)
 
 
 # ------------------------------------------------------------------------------ hand-made official layouts

@@ -58,9 +58,17 @@ def tiny_sets(root: Path, task: str, iters: int = 20, extra: list[str] | None = 
     if task == "seg":
         sets += ["head.type=semfpn", "head.num_classes=11", "head.channels=32", "head.fpn_channels=32"]
     else:
-        sets += ["head.type=mask_rcnn", "head.num_classes=10", "head.fpn_channels=32", "head.representation_size=64",
-                 "head.mask_channels=32", "head.mask_convs=1", "head.anchor_sizes=[8,16,32,64,128]",
-                 "head.rpn_batch_size_per_image=64", "head.box_batch_size_per_image=64"]
+        sets += [
+            "head.type=mask_rcnn",
+            "head.num_classes=10",
+            "head.fpn_channels=32",
+            "head.representation_size=64",
+            "head.mask_channels=32",
+            "head.mask_convs=1",
+            "head.anchor_sizes=[8,16,32,64,128]",
+            "head.rpn_batch_size_per_image=64",
+            "head.box_batch_size_per_image=64",
+        ]
     return sets + (extra or [])
 
 
@@ -91,8 +99,18 @@ def test_overfit_one_batch_then_evaluate(tmp_path, data_root, task: str, variant
 
 def test_resume_is_bit_exact_and_seed_is_deterministic(tmp_path, data_root) -> None:
     # Flip on and 8 training images: the data order and the augmentations matter across the interruption.
-    sets = tiny_sets(data_root, "seg", iters=8, extra=["data.flip=true", "data.n_train=8", "train.eval_interval=4",
-                                                      "train.checkpoint_interval=4", "model.drop_path_rate=0.1"])
+    sets = tiny_sets(
+        data_root,
+        "seg",
+        iters=8,
+        extra=[
+            "data.flip=true",
+            "data.n_train=8",
+            "train.eval_interval=4",
+            "train.checkpoint_interval=4",
+            "model.drop_path_rate=0.1",
+        ],
+    )
     cfg = load_config("cpu_default", [], sets)
     straight = tmp_path / "straight"
     train(cfg, straight, progress=False)
@@ -133,8 +151,16 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, data_root,
     weights = tmp_path / "w.pth"
     torch.save({"pos_embed": torch.zeros(1, 17, 64)}, weights)
     cases["weights sha mismatch"] = (
-        ["--set", "weights.init=pretrained", "--set", f"weights.source={weights}",
-         "--set", "weights.sha256=" + "0" * 64, "--set", f"weights.cache_dir={tmp_path / 'cache'}"],
+        [
+            "--set",
+            "weights.init=pretrained",
+            "--set",
+            f"weights.source={weights}",
+            "--set",
+            "weights.sha256=" + "0" * 64,
+            "--set",
+            f"weights.cache_dir={tmp_path / 'cache'}",
+        ],
         "sha256",
     )
     for name, (extra, needle) in cases.items():

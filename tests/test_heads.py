@@ -54,9 +54,7 @@ class ChannelsOnly(nn.Module):
 
 
 def tiny_seg(head: str, **kw: object) -> SegmentationModel:
-    sizes = {"upernet": {"channels": 16, "aux_channels": 8}, "semfpn": {"fpn_channels": 16, "channels": 8}}[
-        head
-    ]
+    sizes = {"upernet": {"channels": 16, "aux_channels": 8}, "semfpn": {"fpn_channels": 16, "channels": 8}}[head]
     model = build_head_model("seg", head, TinyBackbone(), num_classes=NUM_SEG_CLASSES, **sizes, **kw)
     assert isinstance(model, SegmentationModel)
     return model
@@ -210,8 +208,7 @@ def test_seg_bad_inputs() -> None:
     with pytest.raises(ValueError, match="norm must be"):
         UperNetHead([8] * 4, 16, num_classes=3, norm="ln")  # type: ignore[arg-type]
     assert any(
-        isinstance(m, nn.SyncBatchNorm)
-        for m in UperNetHead([8] * 4, 16, num_classes=3, norm="syncbn").modules()
+        isinstance(m, nn.SyncBatchNorm) for m in UperNetHead([8] * 4, 16, num_classes=3, norm="syncbn").modules()
     )
 
 
@@ -283,9 +280,7 @@ def test_det_eval_output_format() -> None:
         h, w = img.shape[1:]
         assert out["masks"].shape == (n, 1, h, w)  # pasted in input coordinates
         assert out["masks"].min() >= 0 and out["masks"].max() <= 1
-        assert (
-            (out["boxes"][:, 2] <= w).all() and (out["boxes"][:, 3] <= h).all() and (out["boxes"] >= 0).all()
-        )
+        assert (out["boxes"][:, 2] <= w).all() and (out["boxes"][:, 3] <= h).all() and (out["boxes"] >= 0).all()
     # a (B,3,H,W) tensor is accepted too and gives the same detections as the list form
     with torch.no_grad():
         single = det([images[1]])[0]
@@ -352,9 +347,7 @@ def test_mask_rcnn_head_param_parity(dim: int, paper_head: float) -> None:
         (768, 133.9, 104.6, 85.81 + 13.681, 99.8),
     ],
 )
-def test_seg_head_param_parity(
-    dim: int, upernet: float, semfpn: float, backbone_c: float, backbone_t10: float
-) -> None:
+def test_seg_head_param_parity(dim: int, upernet: float, semfpn: float, backbone_c: float, backbone_t10: float) -> None:
     with torch.device("meta"):
         up = build_head_model("seg", "upernet", ChannelsOnly(dim), num_classes=150)
         fpn = build_head_model("seg", "semfpn", ChannelsOnly(dim), num_classes=150)

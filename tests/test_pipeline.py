@@ -57,9 +57,18 @@ def micro_repo(tmp_path_factory) -> Path:
         seeds=[0],
         workers=1,
         variants=["baseline", "full"],
-        pretrain={"preset": "vit_cpu", "out": "weights/vit_micro.safetensors", "seed": 0, "image_size": 32,
-                  "steps": 3, "batch_size": 8, "n_train": 32, "n_val": 16, "warmup_steps": 1},
-        bench={"attention_sizes": "32,64"},
+        pretrain={
+            "preset": "vit_cpu",
+            "out": "weights/vit_micro.safetensors",
+            "seed": 0,
+            "image_size": 32,
+            "steps": 3,
+            "batch_size": 8,
+            "n_train": 32,
+            "n_val": 16,
+            "warmup_steps": 1,
+        },
+        bench={"attention_sizes": "32,64", "overhead_models": "vit_adapter_t", "overhead_res": "64"},
     )
     sweep_sets = [*MICRO_SETS, "weights.source=weights/vit_micro.safetensors", "data.root=data/generated"]
     params["sweep"].update(n_trials=2, max_iters=2, n_workers=1, seeds=[0], timeout_s=600, sets=sweep_sets)
@@ -69,8 +78,19 @@ def micro_repo(tmp_path_factory) -> Path:
 
 def test_dvc_structure(micro_repo: Path) -> None:
     stages = _dvc(micro_repo, "stage", "list").stdout
-    for name in ("data", "weights", "train@baseline", "train@full", "compute_matched", "sweep", "aggregate",
-                 "plots", "report", "attention_cost"):
+    for name in (
+        "data",
+        "weights",
+        "train@baseline",
+        "train@full",
+        "compute_matched",
+        "sweep",
+        "aggregate",
+        "plots",
+        "report",
+        "attention_cost",
+        "overhead",
+    ):
         assert name in stages
     assert "report" in _dvc(micro_repo, "dag").stdout
 
@@ -85,10 +105,23 @@ def test_micro_profile_runs_every_stage_and_resumes_after_kill(micro_repo: Path)
     _dvc(micro_repo, "repro")
     run = micro_repo / "results/runs/full/s0"
     assert json.loads((run / "run.json").read_text())["resumed_from_iteration"] == 2
-    for rel in ("results/table6_components.csv", "results/table7_attention.csv", "results/compute_matched.csv",
-                "results/attention_cost.csv", "reports/ablation_report.md", "results/sweeps/summary.json"):
+    for rel in (
+        "results/table6_components.csv",
+        "results/table7_attention.csv",
+        "results/compute_matched.csv",
+        "results/attention_cost.csv",
+        "reports/ablation_report.md",
+        "results/sweeps/summary.json",
+        "results/overhead.json",
+        "results/stage_timings.csv",
+        "results/pretraining.csv",
+    ):
         assert (micro_repo / rel).is_file(), rel
     report = (micro_repo / "reports/ablation_report.md").read_text()
     assert "Table 6" in report and "Table 7" in report
+    # every train stage recorded its wall time, and the report shows it with the overhead benchmark's table
+    timings = (micro_repo / "results/stage_timings.csv").read_text()
+    assert "train@full" in timings and "train@baseline" in timings and "compute_matched" in timings
+    assert "## Stage timings" in report and "vit_adapter_t" in report
     assert "Data and pipeline changed" not in _dvc(micro_repo, "status").stdout  # up to date after repro
     assert "up to date" in _dvc(micro_repo, "status").stdout

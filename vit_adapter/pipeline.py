@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from .engine.config import EXECUTION_KEYS, Config, config_hash, load_config
+from .engine.rundir import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 # `profile: paper` means the paper's ablation setting: ViT-Adapter-S, Mask R-CNN 1x on COCO (facts §3).
@@ -96,14 +98,14 @@ def step_weights(params: dict[str, Any]) -> int:
     return 0
 
 
-def _run_one(cfg: Config, out: Path) -> tuple[str, int]:
+def _run_one(cfg: Config, out: Path) -> tuple[str, int, bool]:
     """Train one (variant, seed) in its own process (1 thread each: two 1-thread processes beat one 2-thread
-    process on this machine, cpu_budget.md). Returns (name, exit code)."""
+    process on this machine, cpu_budget.md). Returns (name, exit code, whether it trained)."""
     identity = config_hash(cfg, exclude=EXECUTION_KEYS)
     if out.is_dir() and (out / "metrics.json").is_file():
         old = load_config(None, [out / "config.yaml"]) if (out / "config.yaml").is_file() else None
         if old is not None and config_hash(old, exclude=EXECUTION_KEYS) == identity:
-            return out.name, 0  # finished with the same settings
+            return out.name, 0, False  # finished with the same settings
         shutil.rmtree(out)
     partial = out.with_name(out.name + ".partial")
     resume = partial.is_dir() and (partial / "RUN_IDENTITY").read_text().strip() == identity
@@ -120,26 +122,39 @@ def _run_one(cfg: Config, out: Path) -> tuple[str, int]:
     if code == 0:
         cfg_file.unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # results stay small; weights are not results
-    return out.name, code
+    return out.name, code, True
 
 
-def train_runs(params: dict[str, Any], jobs: list[tuple[Config, Path]]) -> int:
+def train_runs(params: dict[str, Any], jobs: list[tuple[Config, Path]], root: Path, stage: str) -> int:
+    """Train the jobs in a pool of `workers` processes; `<root>/stage.json` records the stage's wall time (the
+    report's timing table: what one `dvc repro` of this stage cost, cached runs included)."""
     workers = max(1, int(params.get("workers", 2)))
-    for _, out in jobs:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    start = time.time()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda job: _run_one(*job), jobs))
-    failed = [name for name, code in results if code != 0]
+    failed = [name for name, code, _ in results if code != 0]
     if failed:
         print(f"error: training failed for {', '.join(failed)} (see <run>.stdout.log)", file=sys.stderr)
         return 1
+    trained = sum(1 for _, code, fresh in results if fresh)
+    atomic_write_json(
+        root / "stage.json",
+        {
+            "stage": stage,
+            "wall_s": round(time.time() - start, 1),
+            "runs": len(jobs),
+            "runs_trained": trained,
+            "workers": workers,
+        },  # fmt: skip
+    )
     return 0
 
 
 def step_train(params: dict[str, Any], variant: str) -> int:
     root = REPO / "results" / "runs" / variant
     jobs = [(variant_config(params, variant, s), root / f"s{s}") for s in params.get("seeds", [0])]
-    code = train_runs(params, jobs)
+    code = train_runs(params, jobs, root, f"train@{variant}")
     _drop_stale(root, {out.name for _, out in jobs})
     return code
 
@@ -166,8 +181,8 @@ def step_compute_matched(params: dict[str, Any]) -> int:
         ]
         jobs.append((variant_config(params, "baseline_compute_matched", s, extra), root / f"s{s}"))
     root.mkdir(parents=True, exist_ok=True)
-    (root / "schedule.json").write_text(json.dumps({"time_ratio_full_over_baseline": ratio}, indent=2) + "\n")
-    code = train_runs(params, jobs)
+    atomic_write_json(root / "schedule.json", {"time_ratio_full_over_baseline": ratio})
+    code = train_runs(params, jobs, root, "compute_matched")
     _drop_stale(root, {out.name for _, out in jobs})
     return code
 

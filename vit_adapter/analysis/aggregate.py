@@ -43,6 +43,7 @@ VARIANT_ORDER = (
     "n6",
     "dense_attention",
     "baseline_compute_matched",
+    "baseline_scratch",
 )
 # The structural switches recorded per run (ablation_variants.md): checked against the overlays when asked.
 MODEL_FLAGS = ("use_spm", "injector", "use_extractor", "extra_extractors", "output_neck", "attention", "n_interactions")
@@ -283,6 +284,19 @@ def write_csv(df: pd.DataFrame, path: Path) -> Path:
     return atomic_write_text(path, df.to_csv(index=False, float_format="%.12g", lineterminator="\n"))
 
 
+def collect_stage_timings(runs_dir: Path) -> pd.DataFrame:
+    """``<runs>/<variant>/stage.json`` (written by the pipeline's train steps) as rows stage, wall_s, runs,
+    runs_trained, in display order; empty when no stage recorded its time (runs trained by hand)."""
+    rows = []
+    for path in sorted(Path(runs_dir).glob("*/stage.json"), key=lambda p: variant_sort_key(p.parent.name)):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+            rows.append({k: rec[k] for k in ("stage", "wall_s", "runs", "runs_trained")})
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise RunFormatError(f"{path}: unreadable stage timing ({err})") from err
+    return pd.DataFrame(rows, columns=["stage", "wall_s", "runs", "runs_trained"])
+
+
 def run_aggregate(
     runs_dir: Path,
     out_dir: Path,
@@ -293,7 +307,8 @@ def run_aggregate(
     ablations_dir: Path | None = None,
     n_boot: int = DEFAULT_N_BOOT,
 ) -> list[Path]:
-    """runs.csv, summary.csv, the tables (+ tables.md) and attention_cost.csv (if the bench JSON exists)."""
+    """runs.csv, summary.csv, the tables (+ tables.md), stage_timings.csv and attention_cost.csv (if the bench
+    JSON exists)."""
     from . import tables
 
     df = collect_runs(runs_dir, ablations_dir=ablations_dir)
@@ -302,6 +317,7 @@ def run_aggregate(
     paper = tables.load_paper_numbers(paper_path)
     written = [write_csv(df, out_dir / "runs.csv"), write_csv(summary, out_dir / "summary.csv")]
     written += tables.write_tables(df, summary, paper, out_dir, metric)
+    written.append(write_csv(collect_stage_timings(runs_dir), out_dir / "stage_timings.csv"))
     attention_json = attention_json if attention_json is not None else out_dir / "attention_cost.json"
     if attention_json.is_file():
         written.append(tables.write_attention_cost(attention_json, out_dir / "attention_cost.csv"))

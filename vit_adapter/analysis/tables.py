@@ -1,4 +1,5 @@
-"""Paper-mirroring tables: our mean ± std (n), Δ vs the full model with its CI, and the paper's numbers beside.
+"""Paper-mirroring tables: our mean ± std (n), Δ vs the full model (or the table's reference row) with its CI,
+and the paper's numbers beside.
 
 Every table is built from ``collect_runs`` + ``summarise`` output and ``ablations/paper_numbers.yml``; nothing is
 typed in here except row labels. Our metric columns are named after our metric (``mIoU_mean``, ...), the paper's
@@ -20,7 +21,7 @@ import yaml
 
 from vit_adapter.engine.rundir import REPO_ROOT, atomic_write_text
 
-from .aggregate import REFERENCE, write_csv
+from .aggregate import REFERENCE, paired_delta, write_csv
 
 PAPER_NUMBERS = REPO_ROOT / "ablations" / "paper_numbers.yml"
 PAPER_KEYS = ("table", "label", "N", "APb", "APm", "params_M", "flops_G", "train_time_s", "memory_G", "complexity")
@@ -43,6 +44,7 @@ class TableSpec:
     extra: str | None = None  # "components" | "interactions": the paper's descriptive columns
     costs: tuple[str, ...] = ()  # our cost columns (summary names)
     paper_costs: tuple[str, ...] = ()  # paper cost columns (paper_numbers keys)
+    reference: str = REFERENCE  # the row every Δ is paired against
 
 
 TABLES: tuple[TableSpec, ...] = (
@@ -102,6 +104,16 @@ TABLES: tuple[TableSpec, ...] = (
         ),
         costs=("n_iters", "s_per_iter", "wall_time_s"),
     ),
+    TableSpec(
+        "pretraining",
+        "Pretrained vs randomly initialised ViT (ours; the offline stand-in for ImageNet pretraining)",
+        "none (ours; the paper always starts from DeiT weights)",
+        (
+            Row("baseline", "ViT baseline, pretrained ViT"),
+            Row("baseline_scratch", "ViT baseline, random init"),
+        ),
+        reference="baseline",
+    ),
 )
 TABLE_BY_NAME = {t.name: t for t in TABLES}
 
@@ -152,7 +164,18 @@ def build_table(
 ) -> pd.DataFrame:
     """One paper-mirroring table; rows for variants not run keep n=0 and NaN (optional rows are dropped)."""
     by_variant = summary.set_index("variant")
-    ref_paper = {m: _paper(paper, REFERENCE, m) for m in PAPER_METRICS}
+    ref_paper = {m: _paper(paper, spec.reference, m) for m in PAPER_METRICS}
+    if spec.reference != REFERENCE and spec.reference in by_variant.index:  # re-pair the deltas
+        by_variant = by_variant.copy()
+        conf = float(by_variant["conf"].iloc[0])
+        for v in {r.variant for r in spec.rows} & set(by_variant.index):
+            if v == spec.reference:
+                by_variant.loc[v, ["delta", "delta_lo", "delta_hi"]] = [0.0, math.nan, math.nan]
+                by_variant.loc[v, "ci_method"] = "reference"
+                continue
+            ci = paired_delta(runs, metric, v, spec.reference, conf=conf)
+            by_variant.loc[v, ["delta", "delta_lo", "delta_hi", "delta_n"]] = [ci.estimate, ci.lo, ci.hi, ci.n]
+            by_variant.loc[v, "ci_method"] = ci.method
     rows = []
     for r in spec.rows:
         ran = r.variant in by_variant.index
@@ -275,7 +298,7 @@ def render_markdown(table: pd.DataFrame, spec: TableSpec, metric: str, conf: flo
     show[f"ours: {metric} mean ± std"] = [
         fmt_mean_std(m, s, n, digits) for m, s, n in zip(table[f"{metric}_mean"], table[f"{metric}_std"], table["n"])
     ]
-    show[f"Δ vs full [{conf:.0%} CI]"] = [
+    show[f"Δ vs {spec.reference} [{conf:.0%} CI]"] = [
         fmt_delta(d, lo, hi, meth, digits)
         for d, lo, hi, meth in zip(
             table[f"delta_{metric}"], table[f"delta_{metric}_lo"], table[f"delta_{metric}_hi"], table["ci_method"]
@@ -300,11 +323,11 @@ def write_tables(
     """``<out>/<table>.csv`` for every table plus ``<out>/tables.md`` (all of them, for reading)."""
     built = build_tables(runs, summary, paper, metric)
     conf = float(summary["conf"].iloc[0]) if len(summary) else 0.95
-    written, md = [], [f"# Ablation tables ({metric}; Δ = variant − full, paired by seed)\n"]
+    written, md = [], [f"# Ablation tables ({metric}; Δ = variant − reference row, paired by seed)\n"]
     for spec in TABLES:
         written.append(write_csv(built[spec.name], out_dir / f"{spec.name}.csv"))
         body = render_markdown(built[spec.name], spec, metric, conf)
-        md.append(f"## {spec.title}\n\nMirrors: {spec.paper_ref}.\n\n{body}\n")
+        md.append(f"## {spec.title}\n\nMirrors: {spec.paper_ref}. Δ vs `{spec.reference}`.\n\n{body}\n")
     written.append(atomic_write_text(out_dir / "tables.md", "\n".join(md)))
     return written
 

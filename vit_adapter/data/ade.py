@@ -64,7 +64,8 @@ class ADE20KSegmentation(EpochDataset):
     ``reduce_zero_label=None`` picks the right convention: False for data written by our generator (background
     is class 0), True otherwise (official ADE20K, 150 classes). ``return_meta`` adds the transform meta as a
     third element (for ``transforms.seg_logits_to_original``); ``original_target(i)`` gives the label map
-    at the original resolution for evaluation there.
+    at the original resolution for evaluation there. ``foreground_only`` merges every object class into class 1
+    (background 0 stays): object-vs-background segmentation.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class ADE20KSegmentation(EpochDataset):
         num_classes: int | None = None,
         return_meta: bool = False,
         max_images: int | None = None,
+        foreground_only: bool = False,
     ) -> None:
         super().__init__(seed, cache)
         if split not in ADE_DIRS:
@@ -96,6 +98,11 @@ class ADE20KSegmentation(EpochDataset):
             names = _official_classes(self.base) or [f"class_{i}" for i in range(150)]
             names = ["other", *names]
         self.classes = names[1:] if self.reduce_zero_label else names
+        self.foreground_only = bool(foreground_only)
+        if self.foreground_only:
+            if self.reduce_zero_label:  # label 0 is "ignore" there, so no background class would remain
+                raise DataError(f"{self.base}: foreground_only needs a background class 0 (reduce_zero_label=False)")
+            self.classes = [self.classes[0], "foreground"]
         if num_classes is not None:
             self.classes = self.classes[:num_classes] + [f"class_{i}" for i in range(len(self.classes), num_classes)]
         self.num_classes = len(self.classes)
@@ -122,6 +129,8 @@ class ADE20KSegmentation(EpochDataset):
             raise DataError(f"annotation {ann_path} must be a single-channel PNG, got shape {seg.shape}")
         if self.reduce_zero_label:
             seg = reduce_zero_label(seg)
+        if self.foreground_only:  # every object class -> 1; background 0 and ignore 255 stay
+            seg = np.where((seg != 0) & (seg != IGNORE_INDEX), 1, seg).astype(np.uint8)
         bad = (seg >= self.num_classes) & (seg != IGNORE_INDEX)
         if bad.any():
             raise DataError(

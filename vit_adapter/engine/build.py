@@ -140,7 +140,12 @@ def build_datasets(cfg: Config, seed: int) -> tuple[Any, Any, Any]:
         size_divisor=d.size_divisor,
     )
     tval = segmentation_transforms(False, scale=scale, size_divisor=d.size_divisor)
-    kw = dict(seed=seed, cache=d.cache_in_memory, reduce_zero_label=d.reduce_zero_label)
+    kw = dict(
+        seed=seed,
+        cache=d.cache_in_memory,
+        reduce_zero_label=d.reduce_zero_label,
+        foreground_only=d.label_mode == "foreground",
+    )
     train = build_dataset("ade20k", root, "train", ttrain, max_images=d.n_train, **kw)
     val = build_dataset("ade20k", root, "val", tval, max_images=d.n_val, return_meta=True, **kw)
     if train.num_classes != cfg.head.num_classes:

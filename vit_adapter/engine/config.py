@@ -132,6 +132,9 @@ class DataConfig:
     n_train: int | None = None  # None = the whole split
     n_val: int | None = None
     generator: dict[str, Any] = field(default_factory=dict)  # settings passed to the scene generator
+    # "foreground": segmentation of object vs background (every object class -> 1, head.num_classes 2); the
+    # CPU default's task, chosen by pilots (docs/pilots.md). "classes": the label maps as stored.
+    label_mode: Literal["classes", "foreground"] = "classes"
     batch_size: int = 16
     num_workers: int = 0
     flip: bool = True
@@ -461,6 +464,8 @@ def _check_consistency(cfg: Config, origins: Mapping[str, str]) -> None:
         fail("optim.lr", "must be > 0")
     if not 0 < cfg.optim.warmup_ratio <= 1:
         fail("optim.warmup_ratio", "must be in (0, 1]")
+    if cfg.data.label_mode == "foreground" and (cfg.model.task != "seg" or cfg.head.num_classes != 2):
+        fail("data.label_mode", "'foreground' needs model.task 'seg' and head.num_classes 2")
     if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
         fail("optim.layer_decay", "must be in (0, 1] or null")
     ms = cfg.optim.milestones

@@ -118,9 +118,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
 class ConvNormAct(nn.Sequential):
     """conv (no bias, the norm has one) -> BN/SyncBN -> ReLU; mmcv's ``ConvModule`` with a norm."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int = 3, norm: NormKind = "bn"
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, norm: NormKind = "bn") -> None:
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
         # mmcv ConvModule init: kaiming-normal, fan_out, relu.
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
@@ -191,9 +189,7 @@ class UperNetHead(nn.Module):
         )
         self.bottleneck = ConvNormAct(top + len(pool_scales) * channels, channels, 3, norm)
         self.lateral_convs = nn.ModuleList(ConvNormAct(c, channels, 1, norm) for c in self.in_channels[:-1])
-        self.fpn_convs = nn.ModuleList(
-            ConvNormAct(channels, channels, 3, norm) for _ in self.in_channels[:-1]
-        )
+        self.fpn_convs = nn.ModuleList(ConvNormAct(channels, channels, 3, norm) for _ in self.in_channels[:-1])
         self.fpn_bottleneck = ConvNormAct(len(self.in_channels) * channels, channels, 3, norm)
         self.classifier = _Classifier(channels, num_classes, dropout)
 
@@ -233,15 +229,11 @@ class FCNHead(nn.Module):
         if num_convs < 0:
             raise ValueError(f"num_convs must be >= 0, got {num_convs}")
         if num_convs == 0 and in_channels != channels:
-            raise ValueError(
-                f"FCNHead with num_convs=0 needs in_channels == channels, got {in_channels} != {channels}"
-            )
+            raise ValueError(f"FCNHead with num_convs=0 needs in_channels == channels, got {in_channels} != {channels}")
         self.in_channels = in_channels
         self.in_index = in_index
         self.num_classes = num_classes
-        layers = [
-            ConvNormAct(in_channels if i == 0 else channels, channels, 3, norm) for i in range(num_convs)
-        ]
+        layers = [ConvNormAct(in_channels if i == 0 else channels, channels, 3, norm) for i in range(num_convs)]
         self.convs = nn.Sequential(*layers) if layers else nn.Identity()
         self.conv_cat = ConvNormAct(in_channels + channels, channels, 3, norm) if concat_input else None
         self.classifier = _Classifier(channels, num_classes, dropout)
@@ -251,9 +243,7 @@ class FCNHead(nn.Module):
             x = features
         else:
             if not -len(features) <= self.in_index < len(features):
-                raise ValueError(
-                    f"FCNHead in_index={self.in_index} is out of range for {len(features)} features"
-                )
+                raise ValueError(f"FCNHead in_index={self.in_index} is out of range for {len(features)} features")
             x = features[self.in_index]
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"FCNHead: input must be (B,{self.in_channels},H,W), got {tuple(x.shape)}")
@@ -271,9 +261,7 @@ class SegFPNNeck(nn.Module):
         self.in_channels = _check_channels(in_channels, len(in_channels), "SegFPNNeck")
         self.out_channels = out_channels
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in self.in_channels)
-        self.fpn_convs = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in self.in_channels
-        )
+        self.fpn_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in self.in_channels)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # mmseg FPN init_cfg: Xavier uniform, bias 0
                 nn.init.xavier_uniform_(m.weight)
@@ -305,9 +293,7 @@ class SemanticFPNHead(nn.Module):
         super().__init__()
         chans = _check_channels(in_channels, 4, "SemanticFPNHead")
         if len(feature_strides) != len(chans) or list(feature_strides) != sorted(feature_strides):
-            raise ValueError(
-                f"feature_strides must be {len(chans)} increasing strides, got {list(feature_strides)}"
-            )
+            raise ValueError(f"feature_strides must be {len(chans)} increasing strides, got {list(feature_strides)}")
         self.in_channels = chans
         self.num_classes = num_classes
         self.neck = SegFPNNeck(chans, fpn_channels)
@@ -401,9 +387,7 @@ class SegmentationModel(nn.Module):
         """``loss_ce`` (+ ``loss_aux``, already multiplied by ``aux_weight``) and ``loss`` = their sum."""
         self._check_images(images)
         if not isinstance(targets, Tensor) or targets.dtype != torch.long:
-            raise ValueError(
-                f"targets must be a LongTensor (B,H,W), got {getattr(targets, 'dtype', type(targets))}"
-            )
+            raise ValueError(f"targets must be a LongTensor (B,H,W), got {getattr(targets, 'dtype', type(targets))}")
         if targets.dim() != 3 or targets.shape[0] != images.shape[0] or targets.shape[1:] != images.shape[2:]:
             raise ValueError(
                 f"targets must be (B,H,W) matching images {tuple(images.shape)}, got {tuple(targets.shape)}"
@@ -440,9 +424,7 @@ class _PadOnlyTransform(GeneralizedRCNNTransform):
             raise TypeError(f"images must be floating point (already normalised), got {image.dtype}")
         return image
 
-    def resize(
-        self, image: Tensor, target: dict[str, Tensor] | None = None
-    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
         return image, target
 
     def __repr__(self) -> str:
@@ -456,9 +438,7 @@ class _FPNOverBackbone(nn.Module):
         super().__init__()
         in_channels = getattr(body, "out_channels", None)
         if in_channels is None or len(in_channels) != 4:
-            raise ValueError(
-                f"backbone must have out_channels with 4 entries (strides 4/8/16/32), got {in_channels}"
-            )
+            raise ValueError(f"backbone must have out_channels with 4 entries (strides 4/8/16/32), got {in_channels}")
         self.body = body
         self.in_channels = [int(c) for c in in_channels]
         # LastLevelMaxPool = max_pool(k=1, s=2) on P5, as mmdet's FPN(num_outs=5, add_extra_convs=False).
@@ -512,9 +492,7 @@ class MaskRCNNDetector(MaskRCNN):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 (background excluded), got {num_classes}")
         if len(anchor_sizes) != 5:
-            raise ValueError(
-                f"anchor_sizes needs one size per FPN level (5: strides 4..64), got {list(anchor_sizes)}"
-            )
+            raise ValueError(f"anchor_sizes needs one size per FPN level (5: strides 4..64), got {list(anchor_sizes)}")
         if mask_convs < 1:
             raise ValueError(f"mask_convs must be >= 1, got {mask_convs}")
         body = _FPNOverBackbone(backbone, fpn_channels)
@@ -611,13 +589,10 @@ class MaskRCNNDetector(MaskRCNN):
             boxes, labels, masks = t["boxes"], t["labels"], t["masks"]
             n = boxes.shape[0] if boxes.dim() == 2 else -1
             if boxes.dim() != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
-                raise ValueError(
-                    f"target {i}: boxes must be a float (N,4) xyxy tensor, got {tuple(boxes.shape)}"
-                )
+                raise ValueError(f"target {i}: boxes must be a float (N,4) xyxy tensor, got {tuple(boxes.shape)}")
             if labels.shape != (n,) or labels.dtype != torch.int64:
                 raise ValueError(
-                    f"target {i}: labels must be int64 of shape ({n},), "
-                    f"got {labels.dtype} {tuple(labels.shape)}"
+                    f"target {i}: labels must be int64 of shape ({n},), got {labels.dtype} {tuple(labels.shape)}"
                 )
             if masks.shape != (n, *img.shape[1:]):
                 raise ValueError(
@@ -695,9 +670,7 @@ def build_head_model(
 
     in_channels = getattr(backbone, "out_channels", None)
     if in_channels is None or len(in_channels) != 4:
-        raise ValueError(
-            f"backbone must have out_channels with 4 entries (strides 4/8/16/32), got {in_channels}"
-        )
+        raise ValueError(f"backbone must have out_channels with 4 entries (strides 4/8/16/32), got {in_channels}")
     kw = dict(head_kwargs)
     if "num_classes" not in kw:
         raise ValueError("segmentation needs num_classes (e.g. 150 for ADE20K)")
