@@ -32,7 +32,7 @@ lint: setup
 	$(BIN)/ruff format --check vit_adapter tests bench
 
 repro: setup
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro  # stage commands call `python`: the venv's
 
 bench: setup
 	$(BIN)/python bench/deform_attn.py
