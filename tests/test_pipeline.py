@@ -125,3 +125,15 @@ def test_micro_profile_runs_every_stage_and_resumes_after_kill(micro_repo: Path)
     assert "## Stage timings" in report and "vit_adapter_t" in report
     assert "Data and pipeline changed" not in _dvc(micro_repo, "status").stdout  # up to date after repro
     assert "up to date" in _dvc(micro_repo, "status").stdout
+
+
+def test_variant_configs_follow_their_overlays() -> None:
+    """The pipeline's own overrides never undo an overlay (a pipeline-wide `weights.init=pretrained` once did)."""
+    from vit_adapter.pipeline import load_params, variant_config
+
+    params = load_params(REPO / "params.yaml")
+    assert variant_config(params, "baseline_scratch", 0).weights.init == "scratch"
+    for variant in ("baseline", "full"):
+        cfg = variant_config(params, variant, 3)
+        assert cfg.weights.init == "pretrained" and cfg.weights.source == params["pretrain"]["out"]
+        assert cfg.train.seed == 3 and cfg.train.threads == params["threads_per_worker"]

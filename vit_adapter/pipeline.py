@@ -42,12 +42,13 @@ def profile_name(params: dict[str, Any]) -> str:
 
 
 def base_sets(params: dict[str, Any]) -> list[str]:
-    """Overrides every run gets: the profile's extra sets, pretrained weights and per-worker threads."""
+    """Overrides every run gets: the profile's extra sets, the data and weights the earlier stages wrote, and
+    per-worker threads. `weights.init` stays the profile's or the overlay's (baseline_scratch sets 'scratch')."""
     sets = list(params.get("sets") or [])
     prof = load_config(profile_name(params), [], sets)
     if prof.data.dataset == "generated":
         sets.append(f"data.root={params.get('data_root', 'data/generated')}")
-        sets += ["weights.init=pretrained", f"weights.source={params['pretrain']['out']}"]
+        sets.append(f"weights.source={params['pretrain']['out']}")
     sets.append(f"train.threads={params.get('threads_per_worker', 1)}")
     return sets
 
@@ -138,6 +139,8 @@ def train_runs(params: dict[str, Any], jobs: list[tuple[Config, Path]], root: Pa
         print(f"error: training failed for {', '.join(failed)} (see <run>.stdout.log)", file=sys.stderr)
         return 1
     trained = sum(1 for _, code, fresh in results if fresh)
+    if trained == 0 and (root / "stage.json").is_file():
+        return 0  # nothing retrained: keep the time of the run that produced these results
     atomic_write_json(
         root / "stage.json",
         {
