@@ -270,9 +270,9 @@ def test_report_mentions_each_table_and_is_deterministic(pipeline: dict[str, Pat
     # The discussion's numbers come from the runs: margin 10 ± t·1/√3, 10 / max(std) = 10 / 2 = 5×.
     assert f"+10.00 ± {T_975_2 / math.sqrt(3):.2f} mIoU" in text
     assert "5.0× the larger seed std" in text and "meets the > 3×" in text
-    assert "dense is faster at input sides 64 px, deformable at 128 px" in text
-    assert "Test CPU" in text and "abc123" in text and "`train.max_iters` differs" in text
-    assert "Optional: sweeps" in text and "Not available" in text
+    assert "Time (forward+backward): dense wins at 64 px, deformable at 128 px" in text
+    assert "Test CPU" in text and "abc123" in text and "- `train.max_iters`: " in text
+    assert "## Sweeps" in text and "Not available" in text
     # Same inputs, same bytes (figure links are relative to the output, so write beside the first one).
     again2 = pipeline["md"].with_name("again.md")
     report.write_report(
@@ -284,9 +284,27 @@ def test_report_mentions_each_table_and_is_deterministic(pipeline: dict[str, Pat
 
 def test_report_optional_sections(pipeline: dict[str, Path], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    sweep.mkdir()
-    pd.DataFrame({"trial": [0, 1], "value": [0.5, 0.7]}).to_csv(sweep / "trials.csv", index=False)
-    (sweep / "best_params.json").write_text(json.dumps({"lr": 0.001}))
+    (sweep / "st1" / "plots").mkdir(parents=True)
+    trials = {"number": [0, 1], "value_mIoU": [50.5, 52.25], "state": ["COMPLETE", "COMPLETE"]}
+    pd.DataFrame(trials | {"params_gamma_init": [1e-3, 0.5], "params_cffn_ratio": [0.5, 0.1]}).to_csv(
+        sweep / "st1" / "trials.csv", index=False
+    )
+    plots.save_png(plots.plt.figure(), sweep / "st1" / "plots" / "contour_gamma_ratio.png")
+    refs = {
+        "paper_default": {"params": {"gamma_init": 0.0, "cffn_ratio": 0.25, "with_cffn": True},
+                          "per_seed": {"0": 51.0, "1": 50.0}},
+        "no_cffn": {"params": {"gamma_init": 0.0, "cffn_ratio": 0.25, "with_cffn": False},
+                    "per_seed": {"0": 49.0, "1": 48.0}},
+    }  # fmt: skip
+    summary = {
+        "study_name": "st1", "metric": "mIoU", "seeds": [0, 1], "max_iters": 7, "n_trials_target": 2,
+        "counts": {"complete": 2, "pruned": 0, "fail": 0}, "wall_s": 90.0,
+        "search_space": {"gamma_init": {"low": 1e-6, "high": 1.0, "log": True}},
+        "best": {"trial": 1, "params": {"gamma_init": 0.5, "cffn_ratio": 0.1}, "per_seed": {"0": 52.5, "1": 52.0}},
+        "references": refs,
+        "best_vs_references": {"paper_default": {"mean_delta": 1.75, "best_wins_on_seeds": 2}},
+    }  # fmt: skip
+    (sweep / "summary.json").write_text(json.dumps(summary))
     overhead = tmp_path / "overhead.json"
     overhead.write_text(
         json.dumps({"vit_adapter_t@256": {"adapter_ms": 10, "baseline_ms": 4, "ratio": 2.5, "timm_ms": 3}})
@@ -303,7 +321,11 @@ def test_report_optional_sections(pipeline: dict[str, Path], tmp_path: Path) -> 
         timings={"train": 12.5}, sweep_dir=sweep, overhead_json=overhead, dvc_lock=lock, pretrain_json=pre,
     )  # fmt: skip
     text = out.read_text()
-    assert "trials.csv" in text and '"lr": 0.001' in text and "vit_adapter_t" in text and "2.50" in text
+    assert "vit_adapter_t" in text and "2.50" in text and "| 1.333 " in text  # ratio, baseline / timm
+    # the sweep section compares the best trial with the paper default over the same seeds
+    assert "| best trial 1 " in text and "| paper_default " in text and "no ConvFFN" in text
+    assert "best − paper_default: +1.75 mIoU (best wins on 2 of 2 seed(s))" in text
+    assert "trials.csv" in text and "52.25" in text and "](sweep/st1/plots/contour_gamma_ratio.png)" in text
     assert "| top1   | 0.42 " in text and "](figs/pretrain_curve.png)" in text
     assert "cpu_default" in text and "## Stage timings" in text and "| train " in text and "other 0.2 min" in text
     import hashlib
