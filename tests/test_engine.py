@@ -54,6 +54,7 @@ def tiny_sets(root: Path, task: str, iters: int = 20, extra: list[str] | None = 
         "train.log_interval=1",
         "train.threads=1",
         "weights.init=scratch",
+        "data.label_mode=classes",  # the 11 stored classes (the CPU default segments object vs background)
     ]
     if task == "seg":
         sets += ["head.type=semfpn", "head.num_classes=11", "head.channels=32", "head.fpn_channels=32"]

@@ -68,7 +68,12 @@ def micro_repo(tmp_path_factory) -> Path:
             "n_val": 16,
             "warmup_steps": 1,
         },
-        bench={"attention_sizes": "32,64", "overhead_models": "vit_adapter_t", "overhead_res": "64"},
+        bench={
+            "attention_sizes": "32,64",
+            "overhead_models": "vit_adapter_t",
+            "overhead_res": "64",
+            "overhead_repeats": 1,
+        },
     )
     sweep_sets = [*MICRO_SETS, "weights.source=weights/vit_micro.safetensors", "data.root=data/generated"]
     params["sweep"].update(n_trials=2, max_iters=2, n_workers=1, seeds=[0], timeout_s=600, sets=sweep_sets)
