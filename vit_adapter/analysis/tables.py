@@ -21,7 +21,7 @@ import yaml
 
 from vit_adapter.engine.rundir import REPO_ROOT, atomic_write_text
 
-from .aggregate import REFERENCE, paired_delta, write_csv
+from .aggregate import REFERENCE, summarise, write_csv
 
 PAPER_NUMBERS = REPO_ROOT / "ablations" / "paper_numbers.yml"
 PAPER_KEYS = ("table", "label", "N", "APb", "APm", "params_M", "flops_G", "train_time_s", "memory_G", "complexity")
@@ -165,17 +165,9 @@ def build_table(
     """One paper-mirroring table; rows for variants not run keep n=0 and NaN (optional rows are dropped)."""
     by_variant = summary.set_index("variant")
     ref_paper = {m: _paper(paper, spec.reference, m) for m in PAPER_METRICS}
-    if spec.reference != REFERENCE and spec.reference in by_variant.index:  # re-pair the deltas
-        by_variant = by_variant.copy()
+    if spec.reference != REFERENCE and spec.reference in by_variant.index:  # deltas paired with this reference
         conf = float(by_variant["conf"].iloc[0])
-        for v in {r.variant for r in spec.rows} & set(by_variant.index):
-            if v == spec.reference:
-                by_variant.loc[v, ["delta", "delta_lo", "delta_hi"]] = [0.0, math.nan, math.nan]
-                by_variant.loc[v, "ci_method"] = "reference"
-                continue
-            ci = paired_delta(runs, metric, v, spec.reference, conf=conf)
-            by_variant.loc[v, ["delta", "delta_lo", "delta_hi", "delta_n"]] = [ci.estimate, ci.lo, ci.hi, ci.n]
-            by_variant.loc[v, "ci_method"] = ci.method
+        by_variant = summarise(runs, metric, conf=conf, reference=spec.reference).set_index("variant")
     rows = []
     for r in spec.rows:
         ran = r.variant in by_variant.index
