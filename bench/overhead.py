@@ -307,7 +307,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "only this process's work (with more threads it also counts OpenMP spin-waiting)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON line with all results at the end")
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON results to this file (atomically)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="also write the JSON results, plus a 'host' string, to this file (atomically)",
+    )
     p.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
     p.add_argument("--profile", action="store_true", help="also print a per-component profile of the adapter step")
     p.add_argument("--profile-steps", type=int, default=2)
@@ -357,9 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results))
     if args.out is not None:
-        from vit_adapter.engine.rundir import atomic_write_json
+        from vit_adapter.engine.rundir import atomic_write_json, cpu_model
 
-        atomic_write_json(args.out, results)
+        # Ratios depend on the CPU (memory-bound adapter glue vs GEMM-bound ViT), so the file names the host.
+        host = f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
+        atomic_write_json(args.out, {**results, "host": host})
     return 0
 
 

@@ -29,6 +29,8 @@ MIOU = {
     "n1": [26.0, 27.0, 29.0],
     "n2": [28.0, 30.0, 31.0],
     "baseline_compute_matched": [27.0, 29.0, 33.0],
+    "baseline_scratch": [22.0, 24.0, 25.0],  # pretrained − scratch = -2, -1, -2
+    "full_scratch": [28.0, 29.0, 30.0],  # pretrained − scratch = +2, +3, +4
 }
 PARAMS = {"baseline": (5.0e6, 0, 1.0e6), "full": (5.0e6, 2.0e6, 1.0e6)}  # vit, adapter, head
 S_PER_ITER = {"full": 0.6, "dense_attention": 0.5, "baseline": 0.2, "baseline_compute_matched": 0.2}
@@ -273,6 +275,11 @@ def test_report_mentions_each_table_and_is_deterministic(pipeline: dict[str, Pat
     assert "Time (forward+backward): dense wins at 64 px, deformable at 128 px" in text
     assert "Test CPU" in text and "abc123" in text and "- `train.max_iters`: " in text
     assert "## Sweeps" in text and "Not available" in text
+    # the pretraining check, per model: pretrained − scratch, paired by seed (3 ± t·1/√3 for the adapter)
+    assert "Downstream, the ViT baseline (table 'Pretrained vs randomly initialised ViT (ours" in text
+    assert "random ViT = -1.67 mIoU (95% CI [-3.10, -0.23], 3 paired seeds): the random init is better." in text
+    lo, hi = 3 - T_975_2 / math.sqrt(3), 3 + T_975_2 / math.sqrt(3)
+    assert f"= +3.00 mIoU (95% CI [{lo:.2f}, {hi:.2f}], 3 paired seeds): the pretrained ViT is better." in text
     # Same inputs, same bytes (figure links are relative to the output, so write beside the first one).
     again2 = pipeline["md"].with_name("again.md")
     report.write_report(
@@ -307,7 +314,9 @@ def test_report_optional_sections(pipeline: dict[str, Path], tmp_path: Path) -> 
     (sweep / "summary.json").write_text(json.dumps(summary))
     overhead = tmp_path / "overhead.json"
     overhead.write_text(
-        json.dumps({"vit_adapter_t@256": {"adapter_ms": 10, "baseline_ms": 4, "ratio": 2.5, "timm_ms": 3}})
+        json.dumps(
+            {"vit_adapter_t@256": {"adapter_ms": 10, "baseline_ms": 4, "ratio": 2.5, "timm_ms": 3}, "host": "CPU-X9"}
+        )
     )
     pre = tmp_path / "vit_cpu_pretrained.json"
     hist = [{"step": k, "train_loss": 2.3 - k / 100, "train_top1": k / 200} for k in (10, 20, 30)]
@@ -322,6 +331,7 @@ def test_report_optional_sections(pipeline: dict[str, Path], tmp_path: Path) -> 
     )  # fmt: skip
     text = out.read_text()
     assert "vit_adapter_t" in text and "2.50" in text and "| 1.333 " in text  # ratio, baseline / timm
+    assert "measured on CPU-X9." in text and "| host" not in text  # the host is named, not a table row
     # the sweep section compares the best trial with the paper default over the same seeds
     assert "| best trial 1 " in text and "| paper_default " in text and "no ConvFFN" in text
     assert "best − paper_default: +1.75 mIoU (best wins on 2 of 2 seed(s))" in text

@@ -63,6 +63,7 @@ def test_expected_files_exist() -> None:
         "n6",
         "baseline_compute_matched",
         "baseline_scratch",
+        "full_scratch",
     }
     assert {p.stem for p in OVERLAYS} == expected
 
@@ -86,8 +87,9 @@ def test_every_profile_loads(profile: Path) -> None:
 def test_every_overlay_touches_only_model_and_loads(overlay: Path) -> None:
     raw = yaml.safe_load(overlay.read_text())
     # structural flags only; the pretraining check also changes the initialisation, nothing else
-    assert set(raw) == ({"model", "weights"} if overlay.stem == "baseline_scratch" else {"model"})
-    if overlay.stem == "baseline_scratch":
+    scratch = overlay.stem.endswith("_scratch")
+    assert set(raw) == ({"model", "weights"} if scratch else {"model"})
+    if scratch:
         assert raw["weights"] == {"init": "scratch"}
     text = overlay.read_text()
     assert "Table 6" in text or "Table 7" in text or "ours" in text  # the comment names the paper row
@@ -112,6 +114,7 @@ ABLATION_TABLE = {
     "n6": (True, "attention", True, "adapter", "deformable", 6),
     "baseline_compute_matched": (False, "none", False, "baseline", None, 0),
     "baseline_scratch": (False, "none", False, "baseline", None, 0),
+    "full_scratch": (True, "attention", True, "adapter", "deformable", 4),
 }
 
 

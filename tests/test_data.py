@@ -443,3 +443,27 @@ def test_pretraining_set(tmp_path: Path) -> None:
                  params=np.array(json.dumps({**params, "render_version": 1})))  # fmt: skip
     with pytest.raises(DataError, match="old.npz was rendered by version 1"):
         TexturedFashionMNIST.from_npz(tmp_path / "old.npz")
+
+
+def test_pretraining_placement_anywhere_spreads_small_items(tmp_path: Path) -> None:
+    """'anywhere' draws the item position uniformly; 'centre' keeps the items near the middle. The item is the
+    brightest region (background dimmed to 15-35 %), so its brightest pixels show where it is."""
+
+    def centres(placement: str) -> np.ndarray:
+        ds = TexturedFashionMNIST("train", image_size=64, n=40, item_scale=(0.2, 0.3), placement=placement)
+        out = []
+        for i in range(len(ds)):
+            v = ds.render(i).astype(np.float32).max(axis=2)
+            ys, xs = np.nonzero(v >= np.quantile(v, 0.99))
+            out.append((np.median(ys), np.median(xs)))
+        return np.array(out)
+
+    centre, anywhere = centres("centre"), centres("anywhere")
+    assert np.abs(centre - 31.5).max() < 16  # shift <= 1/8 of the margin, plus half an item
+    assert np.abs(anywhere - 31.5).max() > 20 and anywhere.std(axis=0).min() > 2 * centre.std(axis=0).max()
+    loaded = TexturedFashionMNIST.from_npz(
+        TexturedFashionMNIST("train", image_size=32, n=4, placement="anywhere").save_npz(tmp_path / "a.npz")
+    )
+    assert loaded.placement == "anywhere"
+    with pytest.raises(ValueError, match="placement must be one of centre, anywhere"):
+        TexturedFashionMNIST("train", image_size=32, n=4, placement="left")

@@ -138,6 +138,8 @@ def test_variant_configs_follow_their_overlays() -> None:
 
     params = load_params(REPO / "params.yaml")
     assert variant_config(params, "baseline_scratch", 0).weights.init == "scratch"
+    assert variant_config(params, "full_scratch", 0).weights.init == "scratch"
+    assert variant_config(params, "full", 0).weights.init == "pretrained"
     for variant in ("baseline", "full"):
         cfg = variant_config(params, variant, 3)
         assert cfg.weights.init == "pretrained" and cfg.weights.source == params["pretrain"]["out"]

@@ -220,14 +220,14 @@ def test_convffn_matches_per_map_reference(shapes) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-def test_overhead_bench_runs_in_process(capsys) -> None:
+def test_overhead_bench_runs_in_process(capsys, tmp_path: Path) -> None:
     path = Path(__file__).resolve().parents[1] / "bench" / "overhead.py"
     spec = importlib.util.spec_from_file_location("overhead_bench", path)
     overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(overhead)
     threads = torch.get_num_threads()
     argv = ["--models", "vit_adapter_t", "--res", "64", "--repeats", "1", "--warmup", "0", "--threads", "1", "--json"]
-    rc = overhead.main(argv)
+    rc = overhead.main([*argv, "--out", str(tmp_path / "o.json")])
     assert rc == 0
     assert torch.get_num_threads() == threads  # restored for the rest of the test session
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -235,3 +235,5 @@ def test_overhead_bench_runs_in_process(capsys) -> None:
     for key in ("adapter_ms", "baseline_ms", "ratio", "timm_ms"):
         assert result[key] > 0
     assert abs(result["ratio"] - result["adapter_ms"] / result["baseline_ms"]) < 0.01
+    written = json.loads((tmp_path / "o.json").read_text())  # the file adds the host the ratios belong to
+    assert written["vit_adapter_t@64"] == result and "1 threads" in written["host"] and "torch" in written["host"]

@@ -44,6 +44,7 @@ VARIANT_ORDER = (
     "dense_attention",
     "baseline_compute_matched",
     "baseline_scratch",
+    "full_scratch",
 )
 # The structural switches recorded per run (ablation_variants.md): checked against the overlays when asked.
 MODEL_FLAGS = ("use_spm", "injector", "use_extractor", "extra_extractors", "output_neck", "attention", "n_interactions")

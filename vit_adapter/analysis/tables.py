@@ -114,6 +114,16 @@ TABLES: tuple[TableSpec, ...] = (
         ),
         reference="baseline",
     ),
+    TableSpec(
+        "pretraining_adapter",
+        "Pretrained vs randomly initialised ViT inside the full ViT-Adapter (ours)",
+        "none (ours; the paper always starts from DeiT weights)",
+        (
+            Row("full", "ViT-Adapter, pretrained ViT"),
+            Row("full_scratch", "ViT-Adapter, random-init ViT"),
+        ),
+        reference="full",
+    ),
 )
 TABLE_BY_NAME = {t.name: t for t in TABLES}
 

@@ -28,6 +28,7 @@ _STREAM = 0x7072  # separates these images' random streams from the scene genera
 # 2: bright item on a dimmed background; 3: background 15-35 %, upright items, shift ≤ 1/8 of the margin.
 RENDER_VERSION = 3
 _SPLITS = {"train": 0, "val": 1}
+PLACEMENTS = ("centre", "anywhere")
 
 Augment = Callable[[torch.Tensor], torch.Tensor]
 
@@ -45,8 +46,13 @@ def render_item_image(
     textures: tuple[Any, ...],
     item_scale: tuple[float, float] = (0.65, 0.9),
     background_gain: tuple[float, float] = (0.15, 0.35),
+    placement: str = "centre",
 ) -> np.ndarray:
     """One (size, size, 3) uint8 image: a dimmed textured background and one bright item of random hue.
+
+    ``placement="centre"`` puts the item near the centre, as Fashion-MNIST does; ``"anywhere"`` draws its
+    position uniformly, so that with small ``item_scale`` the images look like the downstream scenes' objects
+    (an item somewhere in a larger field of texture), seen at the downstream resolution.
 
     The polarity is fixed (item brighter than its surroundings) on purpose: with random polarity and full
     texture contrast, a small CNN stayed at ~25% and a ViT at chance after minutes of CPU training; the
@@ -57,9 +63,11 @@ def render_item_image(
     a = np.sqrt(rng.uniform(0.85, 1.15))
     alpha, shade = render.silhouette_maps(sil, max(2, round(side * a)), max(2, round(side / a)), 0.0)  # upright
     h, w = alpha.shape
-    # Centred (as in Fashion-MNIST), shifted by at most an eighth of the free margin.
-    top = (size - h) // 2 + int(rng.integers(-(abs(size - h) // 8), abs(size - h) // 8 + 1))
-    left = (size - w) // 2 + int(rng.integers(-(abs(size - w) // 8), abs(size - w) // 8 + 1))
+    if placement == "anywhere":
+        top, left = int(rng.integers(0, max(size - h, 0) + 1)), int(rng.integers(0, max(size - w, 0) + 1))
+    else:  # centred (as in Fashion-MNIST), shifted by at most an eighth of the free margin
+        top = (size - h) // 2 + int(rng.integers(-(abs(size - h) // 8), abs(size - h) // 8 + 1))
+        left = (size - w) // 2 + int(rng.integers(-(abs(size - w) // 8), abs(size - w) // 8 + 1))
     win = render.window((size, size), top, left, h, w)
     if win is None:  # cannot happen for scales <= 1, kept for safety
         return render.finish(canvas, rng, 2.0)
@@ -98,6 +106,7 @@ class TexturedFashionMNIST(Dataset):
         n: int | None = None,
         seed: int = 0,
         item_scale: tuple[float, float] = (0.65, 0.9),
+        placement: str = "centre",
         augment: Augment | None = None,
         normalize: bool = True,
         cache: bool = False,
@@ -109,6 +118,9 @@ class TexturedFashionMNIST(Dataset):
             raise ValueError(f"image_size must be >= 16, got {image_size}")
         self.split, self.image_size, self.seed = split, int(image_size), int(seed)
         self.item_scale = (float(item_scale[0]), float(item_scale[1]))
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        self.placement = placement
         self.augment, self.normalize = augment, normalize
         self._sil = load_silhouettes(split, fmnist_dir)
         total = len(self._sil.labels)
@@ -138,7 +150,9 @@ class TexturedFashionMNIST(Dataset):
         if self._images is not None and (self._have is None or self._have[index]):
             return self._images[index]
         rng = np.random.default_rng([self.seed, _STREAM, _SPLITS[self.split], index])
-        img = render_item_image(rng, self._sil.images[index], self.image_size, load_textures(), self.item_scale)
+        img = render_item_image(
+            rng, self._sil.images[index], self.image_size, load_textures(), self.item_scale, placement=self.placement
+        )
         if self._have is not None and self._images is not None:
             self._images[index] = img
             self._have[index] = True
@@ -175,6 +189,7 @@ class TexturedFashionMNIST(Dataset):
             "n": self.n,
             "seed": self.seed,
             "item_scale": list(self.item_scale),
+            "placement": self.placement,
             "silhouettes": self._sil.source,
         }
 
@@ -220,6 +235,7 @@ class TexturedFashionMNIST(Dataset):
             n=params["n"],
             seed=params["seed"],
             item_scale=tuple(params["item_scale"]),
+            placement=params.get("placement", "centre"),  # caches written before the option are centred
             augment=augment,
             normalize=normalize,
             fmnist_dir=fmnist_dir,

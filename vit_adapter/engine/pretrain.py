@@ -71,6 +71,7 @@ class PretrainConfig:
     n_val: int = 2_000
     data_seed: int = 0  # rendering seed of the images; separate from the training seed so caches are shared
     item_scale: tuple[float, float] = (0.65, 0.9)
+    placement: str = "centre"  # 'centre' (Fashion-MNIST-like) or 'anywhere' (uniform position; small items)
     augment: str = "none"  # 'crop_flip' (random resized crop + flip), 'flip' or 'none'; none won at this budget
     pos_init: str = "sincos"  # 'sincos' (2-D sin-cos, MAE-style) or 'normal' (PlainViT's trunc-normal, std .02)
     crop_scale: tuple[float, float] = (0.6, 1.0)
@@ -121,6 +122,7 @@ _TYPES: dict[str, Any] = {
     "n_val": int,
     "data_seed": int,
     "augment": str,
+    "placement": str,
     "pos_init": str,
     "seed": int,
     "threads": int,
@@ -174,6 +176,9 @@ def validate(cfg: PretrainConfig) -> dict[str, Any]:
     _check(1 <= cfg.n_val <= N_VAL_MAX, f"n_val must be in 1..{N_VAL_MAX}, got {cfg.n_val}")
     lo, hi = cfg.item_scale
     _check(0 < lo <= hi <= 1, f"item_scale must satisfy 0 < lo <= hi <= 1, got {cfg.item_scale}")
+    from vit_adapter.data.pretrain import PLACEMENTS
+
+    _check(cfg.placement in PLACEMENTS, f"placement must be one of {', '.join(PLACEMENTS)}, got {cfg.placement!r}")
     _check(cfg.augment in AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
     _check(0 <= cfg.invert_prob <= 1, f"invert_prob must be in [0, 1], got {cfg.invert_prob}")
     _check(cfg.pos_init in POS_INITS, f"pos_init must be one of {', '.join(POS_INITS)}, got {cfg.pos_init!r}")
@@ -200,7 +205,13 @@ def head_path(out: str | Path) -> Path:
 
 
 def render_split(
-    split: str, image_size: int, n: int, data_seed: int, item_scale: tuple[float, float], cache_dir: str | None
+    split: str,
+    image_size: int,
+    n: int,
+    data_seed: int,
+    item_scale: tuple[float, float],
+    cache_dir: str | None,
+    placement: str = "centre",
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(images uint8 (N, 3, S, S), labels int64 (N,), silhouette source) of one split, via an npz cache if given.
 
@@ -216,7 +227,7 @@ def render_split(
     ds = None
     cache = None
     if cache_dir is not None:
-        tag = f"{item_scale[0]:g}-{item_scale[1]:g}"
+        tag = f"{item_scale[0]:g}-{item_scale[1]:g}" + ("" if placement == "centre" else f"_{placement}")
         name = f"tfmnist_v{RENDER_VERSION}_{split}_{image_size}px_n{n}_seed{data_seed}_scale{tag}.npz"
         cache = Path(cache_dir) / name
         if cache.is_file():
@@ -225,7 +236,9 @@ def render_split(
             except DataError as err:  # stale or damaged cache: render afresh and replace it
                 log.warning("re-rendering %s: %s", cache, err)
     if ds is None:
-        ds = TexturedFashionMNIST(split, image_size=image_size, n=n, seed=data_seed, item_scale=item_scale)
+        ds = TexturedFashionMNIST(
+            split, image_size=image_size, n=n, seed=data_seed, item_scale=item_scale, placement=placement
+        )
         if cache is not None:
             ds.save_npz(cache)  # renders every image once, atomically written
     x = torch.from_numpy(np.ascontiguousarray(ds.images())).permute(0, 3, 1, 2).contiguous()
@@ -435,8 +448,9 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
     timer = _Timer()
     cpu0 = time.process_time()
     size = vkw["pretrain_size"]
-    x_train, y_train, source = render_split("train", size, cfg.n_train, cfg.data_seed, cfg.item_scale, cfg.cache_dir)
-    x_val, y_val, _ = render_split("val", size, cfg.n_val, cfg.data_seed, cfg.item_scale, cfg.cache_dir)
+    split_args = (size, cfg.n_train, cfg.data_seed, cfg.item_scale, cfg.cache_dir, cfg.placement)
+    x_train, y_train, source = render_split("train", *split_args)
+    x_val, y_val, _ = render_split("val", size, cfg.n_val, *split_args[2:])
     render_s = timer.elapsed()
     log.info("rendered %d train + %d val images at %d px in %.1f s", cfg.n_train, cfg.n_val, size, render_s)
 
@@ -602,6 +616,10 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--n-train", type=int, default=d.n_train, help=f"training images (<= {N_TRAIN_MAX})")
     parser.add_argument("--n-val", type=int, default=d.n_val, help=f"held-out images for top-1 (<= {N_VAL_MAX})")
     parser.add_argument("--augment", choices=AUGMENTS, default=d.augment)
+    parser.add_argument(
+        "--item-scale", type=float, nargs=2, default=d.item_scale, metavar=("LO", "HI"), help="item side / image side"
+    )
+    parser.add_argument("--placement", choices=("centre", "anywhere"), default=d.placement, help="item position")
     parser.add_argument("--invert-prob", type=float, default=d.invert_prob, help="photometric inversion rate")
     parser.add_argument("--pos-init", choices=POS_INITS, default=d.pos_init, help="position-embedding init")
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -633,6 +651,8 @@ def run_pretrain_from_args(args: argparse.Namespace) -> dict[str, Any]:
         n_train=args.n_train,
         n_val=args.n_val,
         augment=args.augment,
+        item_scale=tuple(args.item_scale),
+        placement=args.placement,
         pos_init=args.pos_init,
         invert_prob=args.invert_prob,
         cache_dir=None if args.no_cache else args.cache_dir,
