@@ -3,7 +3,7 @@
 For each input size s (a multiple of 32) it builds the CPU preset (``vit_adapter_cpu``) once with
 ``attention="deformable"`` and once with ``attention="dense"``, takes the attention modules of the first
 interaction (the injector's: ViT tokens query the 3-level prior; the extractor's: the prior queries the ViT tokens),
-and feeds them the shapes of ``ViTAdapter.deform_inputs(s, s)`` (facts §1.3): s²/256 ViT tokens, 21·s²/1024
+and feeds them the shapes of ``ViTAdapter.deform_inputs(s, s)`` (reference §1.3): s²/256 ViT tokens, 21·s²/1024
 prior tokens. One measured call = injector attention + extractor attention, forward and backward (gradients for
 the inputs and the parameters, as in training).
 
@@ -50,7 +50,7 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise UsageError(f"{flag} expects comma-separated integers, got {text!r}") from err
     bad = [v for v in values if v <= 0 or v % 32]
     if bad:
-        raise UsageError(f"{flag}: sizes must be positive multiples of 32 (facts §5), got {bad}")
+        raise UsageError(f"{flag}: sizes must be positive multiples of 32 (reference §5), got {bad}")
     return values
 
 

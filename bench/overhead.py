@@ -12,18 +12,33 @@ are called in turn (order rotated every round, so load drift hits all alike) and
 steps is reported. Output: one line per model and size, then (``--json``) one JSON line keyed "<model>@<res>".
 ``--profile`` adds a per-component torch.profiler breakdown of the adapter step (forward and backward).
 
+``--embedded`` adds a row for the embedded default's own workload (key ``embedded@<size>``): the full model of
+``experiments/cpu_default.yaml`` (backbone + its segmentation head + loss, forward and backward) at the profile's
+input size and batch, on the profile's thread count (1), against the same model with the ``baseline`` overlay.
+
+``--compare-ref REF`` also builds the adapter and baseline of another commit from a ``git worktree`` checkout (under
+a temporary directory, removed afterwards) and times them in the same process, interleaved with this checkout's, so
+that both see the same load: ``ref_adapter_ms``, ``ref_baseline_ms`` and ``adapter_speedup_vs_ref`` (ref / this).
+The other checkout's ``vit_adapter`` package is imported under its own name by swapping ``sys.modules`` while its
+models are built; its deformable core runs whatever backend that commit has.
+
     python bench/overhead.py --models vit_adapter_t,vit_adapter_s --res 256,512 [--json] [--profile]
+    python bench/overhead.py --models vit_adapter_t --res 256 --embedded --compare-ref 79e8ea4
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -38,10 +53,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from vit_adapter.models import adapter as adapter_module  # noqa: E402
 from vit_adapter.models import attention as attention_module  # noqa: E402
+from vit_adapter.models import factory as factory_module  # noqa: E402
 from vit_adapter.models.baseline import BaselineNeck  # noqa: E402
-from vit_adapter.models.factory import create_model, preset_kwargs  # noqa: E402
+from vit_adapter.models.factory import preset_kwargs  # noqa: E402
+from vit_adapter.models.ops import resolve_backend  # noqa: E402
 
 BATCH = 2
+EMBEDDED_PROFILE = "cpu_default"  # the embedded default (experiments/cpu_default.yaml)
+REPO = Path(__file__).resolve().parents[1]
 
 
 class TimmBaseline(nn.Module):
@@ -83,14 +102,17 @@ class TimmBaseline(nn.Module):
         return self.neck(feats, grid)
 
 
-def build_models(model: str) -> dict[str, nn.Module]:
-    """{'adapter', 'baseline', 'timm'} for an adapter preset name like ``vit_adapter_t``."""
+def build_models(model: str, factory: object = factory_module, with_timm: bool = True) -> dict[str, nn.Module]:
+    """{'adapter', 'baseline', 'timm'} for an adapter preset name like ``vit_adapter_t``; ``factory`` is the
+    ``vit_adapter.models.factory`` module of the checkout to build from."""
     if not model.startswith("vit_adapter_"):
         raise ValueError(f"expected an adapter preset vit_adapter_<size>, got {model!r}")
     size = model.removeprefix("vit_adapter_")
     torch.manual_seed(0)
-    adapter = create_model(model, task="det", window_attn=False)
-    baseline = create_model(f"vit_{size}", task="det", window_attn=False)
+    adapter = factory.create_model(model, task="det", window_attn=False)
+    baseline = factory.create_model(f"vit_{size}", task="det", window_attn=False)
+    if not with_timm:
+        return {"adapter": adapter.train(), "baseline": baseline.train()}
     kw = preset_kwargs(f"vit_{size}", "det")
     timm_ref = TimmBaseline(
         embed_dim=kw["embed_dim"],
@@ -133,20 +155,147 @@ def time_interleaved(
     return times
 
 
-def run_case(model: str, res: int, warmup: int, repeats: int, cpu_time: bool = False) -> dict[str, float]:
-    models = build_models(model)
-    image = torch.randn(BATCH, 3, res, res, generator=torch.Generator().manual_seed(0))
-    grads = upstream_grads(models["adapter"], image)
-    fns = {name: partial(train_step, m, image, grads) for name, m in models.items()}
-    times = time_interleaved(fns, warmup, repeats, time.process_time if cpu_time else time.perf_counter)
+class RefCheckout:
+    """Another commit's ``vit_adapter`` package, checked out as a ``git worktree`` in a temporary directory.
+
+    ``with checkout:`` swaps its modules into ``sys.modules`` (and this checkout's out), so that imports inside
+    resolve to its code; on exit both sets are swapped back, and its modules are kept for the next entry. Objects
+    built inside keep working outside: they hold their own module globals.
+    """
+
+    def __init__(self, ref: str, repo: Path = REPO) -> None:
+        self.ref, self.repo = ref, repo
+        self.tmp = Path(tempfile.mkdtemp(prefix="vit_adapter_compare_"))
+        self.root = self.tmp / "tree"
+        subprocess.run(
+            ["git", "-C", str(repo), "worktree", "add", "--detach", str(self.root), ref],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        self.commit = subprocess.run(
+            ["git", "-C", str(self.root), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        self._modules: dict[str, object] = {}
+        self._saved: dict[str, object] = {}
+
+    @staticmethod
+    def _ours(name: str) -> bool:
+        return name == "vit_adapter" or name.startswith("vit_adapter.")
+
+    def __enter__(self) -> RefCheckout:
+        self._saved = {k: v for k, v in sys.modules.items() if self._ours(k)}
+        for k in self._saved:
+            del sys.modules[k]
+        sys.modules.update(self._modules)
+        sys.path.insert(0, str(self.root))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.path.remove(str(self.root))
+        self._modules = {k: v for k, v in sys.modules.items() if self._ours(k)}
+        for k in self._modules:
+            del sys.modules[k]
+        sys.modules.update(self._saved)
+
+    def module(self, name: str) -> object:
+        """``importlib.import_module(name)`` from this checkout (call inside ``with``)."""
+        return importlib.import_module(name)
+
+    def close(self) -> None:
+        subprocess.run(
+            ["git", "-C", str(self.repo), "worktree", "remove", "--force", str(self.root)],
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        subprocess.run(["git", "-C", str(self.repo), "worktree", "prune"], check=False)
+
+
+def _share_weights(src: nn.Module, dst: nn.Module) -> None:
+    """Same weights in both checkouts where the state dicts match (timings barely depend on them: best effort)."""
+    with contextlib.suppress(RuntimeError):
+        dst.load_state_dict(src.state_dict())
+
+
+def _summarise(times: dict[str, list[float]]) -> dict[str, float]:
     med = {name: statistics.median(t) for name, t in times.items()}
-    return {
+    row = {
         "adapter_ms": round(med["adapter"], 1),
         "baseline_ms": round(med["baseline"], 1),
         "ratio": round(med["adapter"] / med["baseline"], 3),
-        "timm_ms": round(med["timm"], 1),
-        "baseline_over_timm": round(med["baseline"] / med["timm"], 3),
     }
+    if "timm" in med:
+        row.update(timm_ms=round(med["timm"], 1), baseline_over_timm=round(med["baseline"] / med["timm"], 3))
+    if "ref_adapter" in med:
+        row.update(
+            ref_adapter_ms=round(med["ref_adapter"], 1),
+            ref_baseline_ms=round(med["ref_baseline"], 1),
+            ref_ratio=round(med["ref_adapter"] / med["ref_baseline"], 3),
+            adapter_speedup_vs_ref=round(med["ref_adapter"] / med["adapter"], 3),
+            baseline_speedup_vs_ref=round(med["ref_baseline"] / med["baseline"], 3),
+        )
+    return row
+
+
+def run_case(
+    model: str, res: int, warmup: int, repeats: int, cpu_time: bool = False, ref: RefCheckout | None = None
+) -> dict[str, float]:
+    models = build_models(model)
+    if ref is not None:
+        with ref:
+            ref_models = build_models(model, ref.module("vit_adapter.models.factory"), with_timm=False)
+        for name, m in ref_models.items():
+            _share_weights(models[name], m)
+            models[f"ref_{name}"] = m
+    image = torch.randn(BATCH, 3, res, res, generator=torch.Generator().manual_seed(0))
+    grads = upstream_grads(models["adapter"], image)
+    fns = {name: partial(train_step, m, image, grads) for name, m in models.items()}
+    return _summarise(time_interleaved(fns, warmup, repeats, time.process_time if cpu_time else time.perf_counter))
+
+
+def _embedded_models(config: object, build: object) -> tuple[dict[str, nn.Module], object]:
+    """The embedded default's full models (adapter, and the same profile with the ``baseline`` overlay)."""
+    cfg = config.load_config(EMBEDDED_PROFILE)
+    torch.manual_seed(0)
+    adapter = build.build_model(cfg)
+    baseline = build.build_model(config.load_config(EMBEDDED_PROFILE, ["baseline"]))
+    return {"adapter": adapter.train(), "baseline": baseline.train()}, cfg
+
+
+def seg_train_step(model: nn.Module, image: Tensor, target: Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    model.losses(image, target)["loss"].backward()
+
+
+def run_embedded(
+    warmup: int, repeats: int, cpu_time: bool = False, ref: RefCheckout | None = None
+) -> tuple[str, dict[str, float]]:
+    """The embedded default's full-model train step at its own input size, batch and thread count."""
+    from vit_adapter.engine import build, config
+
+    models, cfg = _embedded_models(config, build)
+    if ref is not None:
+        with ref:
+            ref_config, ref_build = (ref.module(f"vit_adapter.engine.{name}") for name in ("config", "build"))
+            ref_models, _ = _embedded_models(ref_config, ref_build)
+        for name, m in ref_models.items():
+            _share_weights(models[name], m)
+            models[f"ref_{name}"] = m
+    size, batch = cfg.data.image_size, cfg.data.batch_size
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(batch, 3, size, size, generator=gen)
+    target = torch.randint(0, cfg.head.num_classes, (batch, size, size), generator=gen)
+    fns = {name: partial(seg_train_step, m, image, target) for name, m in models.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.train.threads)
+    try:
+        times = time_interleaved(fns, warmup, repeats, time.process_time if cpu_time else time.perf_counter)
+    finally:
+        torch.set_num_threads(threads)
+    row = _summarise(times)
+    row.update(batch=batch, threads=cfg.train.threads)
+    return f"embedded@{size}", row
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,10 +430,8 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
-        rows.append(
-            f"| {key} | {r['adapter_ms']:.0f} | {r['baseline_ms']:.0f} | {r['ratio']:.2f} | {r['timm_ms']:.0f} "
-            f"| {r['baseline_over_timm']:.3f} |"
-        )
+        timm = f"{r['timm_ms']:.0f} | {r['baseline_over_timm']:.3f}" if "timm_ms" in r else "– | –"
+        rows.append(f"| {key} | {r['adapter_ms']:.0f} | {r['baseline_ms']:.0f} | {r['ratio']:.2f} | {timm} |")
     return "\n".join(rows)
 
 
@@ -316,6 +463,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
     p.add_argument("--profile", action="store_true", help="also print a per-component profile of the adapter step")
     p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help=f"also time the embedded default's full model ({EMBEDDED_PROFILE}: its input size, batch and threads)",
+    )
+    p.add_argument("--no-grid", action="store_true", help="skip the --models x --res rows (e.g. with --embedded)")
+    p.add_argument(
+        "--compare-ref",
+        metavar="REF",
+        default=None,
+        help="also time the adapter and baseline of git commit REF (a temporary worktree), interleaved in-process",
+    )
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeats < 1 or args.warmup < 0 or args.profile_steps < 1:
         p.error("--threads, --repeats and --profile-steps must be >= 1, --warmup >= 0")
@@ -324,16 +483,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_all(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def run_all(args: argparse.Namespace, ref: RefCheckout | None = None) -> dict[str, dict[str, float]]:
     print(
         f"# torch {torch.__version__}, {platform.machine()}, {args.threads} threads, batch {BATCH}, "
         f"warmup {args.warmup}, median of {args.repeats}, train mode, backbone only, "
         + ("process CPU time" if args.cpu_time else "wall-clock")
+        + f", deformable core: {resolve_backend('cpu')}"
+        + (f", compared with {args.compare_ref} ({ref.commit})" if ref is not None else "")
     )
     results: dict[str, dict[str, float]] = {}
-    for model in args.models:
+    if args.embedded:
+        key, r = run_embedded(args.warmup, args.repeats, args.cpu_time, ref)
+        results[key] = r
+        print(f"{key:22s} " + "  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
+    for model in [] if args.no_grid else args.models:
         for res in args.res:
-            r = run_case(model, res, args.warmup, args.repeats, args.cpu_time)
+            r = run_case(model, res, args.warmup, args.repeats, args.cpu_time, ref)
             key = f"{model}@{res}"
             results[key] = r
             print(f"{key:22s} " + "  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
@@ -353,10 +518,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: {args.threads} threads > {cores} cores (oversubscription distorts timings)", file=sys.stderr)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    ref = RefCheckout(args.compare_ref) if args.compare_ref else None
     try:
-        results = run_all(args)
+        results = run_all(args, ref)
     finally:
         torch.set_num_threads(threads)  # main() is also called in-process (tests): leave the thread count as found
+        if ref is not None:
+            ref.close()
     if args.markdown:
         print(markdown_table(results))
     if args.json:
@@ -365,7 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vit_adapter.engine.rundir import atomic_write_json, cpu_model
 
         # Ratios depend on the CPU (memory-bound adapter glue vs GEMM-bound ViT), so the file names the host.
-        host = f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
+        host = (
+            f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
+            f"deformable core {resolve_backend('cpu')}"
+        )
         atomic_write_json(args.out, {**results, "host": host})
     return 0
 

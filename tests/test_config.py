@@ -99,7 +99,7 @@ def test_every_overlay_touches_only_model_and_loads(overlay: Path) -> None:
             assert getattr(cfg.model, key) == value
 
 
-# The ablation table (ablation_variants.md), written out independently of the YAML files.
+# The ablation table (reference §7), written out independently of the YAML files.
 ABLATION_TABLE = {
     #                  use_spm, injector,   extractor, neck,      attention,    N
     "baseline": (False, "none", False, "baseline", None, 0),
@@ -131,7 +131,7 @@ def test_overlay_matches_ablation_table(name: str) -> None:
     )
     if attention is not None:
         assert m.attention == attention
-    # The 2 extra extractors exist exactly when the extractor does (facts §1.8).
+    # The 2 extra extractors exist exactly when the extractor does (reference §1.8).
     assert m.extra_extractors == (2 if extractor else 0)
 
 
@@ -166,7 +166,7 @@ def test_paper_hyperparameters() -> None:
     assert up.model.window_attn is False and up.optim.layer_decay == 0.95
     fpn = load_config("ade20k_semfpn_80k_s")
     assert (fpn.head.type, fpn.optim.weight_decay, fpn.optim.power) == ("semfpn", 1e-4, 0.9)
-    # 40k iterations at batch 16 = the paper's "80k" at batch 8 (facts §6): same number of images.
+    # 40k iterations at batch 16 = the paper's "80k" at batch 8 (reference §6): same number of images.
     assert fpn.train.max_iters * fpn.data.batch_size == 80000 * 8
 
 
@@ -375,18 +375,24 @@ def test_run_dir_lifecycle(tmp_path: Path) -> None:
     rundir.atomic_torch_save({"it": 20}, run.checkpoint_path(20))
     rundir.atomic_torch_save({"it": 100}, run.checkpoint_path(100))
     (run.checkpoint_dir / ".iter_00000120.pt.abc.tmp").write_bytes(b"junk")  # a killed save
-    # Interrupted: the same config resumes from the newest complete checkpoint.
+    run.release()  # the writer ended (a killed process loses its flock the same way)
+    # Interrupted: the same config resumes from the newest complete checkpoint; the killed save's temp goes.
     again = rundir.open_run_dir(out, "hash-a")
-    assert again.resumed
+    assert again.resumed and not (again.checkpoint_dir / ".iter_00000120.pt.abc.tmp").exists()
     assert torch.load(again.latest_checkpoint(), weights_only=True) == {"it": 100}
     assert [i for i, _ in again.checkpoints()] == [20, 100]
+    with pytest.raises(rundir.RunDirError, match=rf"in use by another writer \(PID {os.getpid()}\)"):
+        rundir.open_run_dir(out, "hash-a")  # one writer at a time, even within one process
+    again.release()
     with pytest.raises(rundir.RunDirError, match="another config"):
         rundir.open_run_dir(out, "hash-b")
+    again = rundir.open_run_dir(out, "hash-a")
     again.prune_checkpoints(keep=1)
     assert [i for i, _ in again.checkpoints()] == [100]
     rundir.atomic_write_text(again.path("metrics.json"), "{}")
     assert again.finalize() == out
     assert (out / "metrics.json").is_file() and not again.work.exists()
+    again.release()
     # A finished run is not overwritten unless asked; when asked, the old one stays until finalize.
     with pytest.raises(rundir.RunDirError, match="finished run"):
         rundir.open_run_dir(out, "hash-a")
@@ -394,13 +400,15 @@ def test_run_dir_lifecycle(tmp_path: Path) -> None:
     assert (out / "metrics.json").is_file()
     rundir.atomic_write_text(fresh.path("new.txt"), "x")
     fresh.finalize()
+    fresh.release()
     assert (out / "new.txt").is_file() and not (out / "metrics.json").exists()
-    assert sorted(p.name for p in out.parent.iterdir()) == ["full-0"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["full-0"]  # no lock file, no temp left
 
 
 def test_run_dir_no_resume_starts_fresh(tmp_path: Path) -> None:
     run = rundir.open_run_dir(tmp_path / "r", "h")
     rundir.atomic_torch_save({}, run.checkpoint_path(5))
+    run.release()
     fresh = rundir.open_run_dir(tmp_path / "r", "other", resume=False)
     assert not fresh.resumed and fresh.latest_checkpoint() is None
     assert (fresh.work / rundir.IDENTITY_FILE).read_text().strip() == "other"

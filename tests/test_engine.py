@@ -186,7 +186,7 @@ def _info(capsys, name: str, *sets: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params"]
 
 
-# Paper Table 1 (ViT-Adapter / ViT + Mask R-CNN) and Tables 6-7 (ViT-S rows), facts §3.
+# Paper Table 1 (ViT-Adapter / ViT + Mask R-CNN) and Tables 6-7 (ViT-S rows), reference §3.
 @pytest.mark.parametrize(
     "name, sets, total_m",
     [

@@ -1,4 +1,4 @@
-"""Dense-prediction heads: shapes, losses, Mask R-CNN I/O, parameter parity with the paper (facts §1.8)."""
+"""Dense-prediction heads: shapes, losses, Mask R-CNN I/O, parameter parity with the paper (reference §1.8)."""
 
 from __future__ import annotations
 
@@ -326,7 +326,7 @@ def test_det_bad_targets() -> None:
 @pytest.mark.parametrize(
     ("dim", "paper_head"),
     [
-        (192, 28.07 - 5.53 - 2.438),  # facts §1.8 [C]: Mask R-CNN total - ViT - adapter (T)
+        (192, 28.07 - 5.53 - 2.438),  # reference §1.8 [C]: Mask R-CNN total - ViT - adapter (T)
         (384, 47.80 - 27.50),  # S
         (768, 120.19 - 85.81 - 13.681),  # B
     ],
@@ -338,7 +338,7 @@ def test_mask_rcnn_head_param_parity(dim: int, paper_head: float) -> None:
     assert abs(head / 1e6 - paper_head) < 0.05, head
 
 
-# [P] Table 3 totals (UperNet incl. aux, Sem. FPN) minus backbone: [C] (facts §1.8) and [P] Table 10 totals.
+# [P] Table 3 totals (UperNet incl. aux, Sem. FPN) minus backbone: [C] (reference §1.8) and [P] Table 10 totals.
 @pytest.mark.parametrize(
     ("dim", "upernet", "semfpn", "backbone_c", "backbone_t10"),
     [

@@ -21,7 +21,7 @@ def _meta(name: str, **kw) -> ViTAdapter:
         return create_model(name, **kw)
 
 
-# Adapter parameters measured by running the official code (facts §1.8 [C]).
+# Adapter parameters measured by running the official code (reference §1.8 [C]).
 @pytest.mark.parametrize(
     "name, expected",
     [
@@ -45,7 +45,7 @@ def test_vit_s_backbone_totals_over_n(n: int, expected: float) -> None:
 def test_vit_s_baseline_total_and_neck() -> None:
     p = _meta("vit_s").param_breakdown()
     assert abs(p["vit"] + p["adapter"] - 23.448e6) < 0.002e6
-    assert abs(p["adapter"] - 1.774e6) < 0.001e6  # the baseline neck alone (facts §3)
+    assert abs(p["adapter"] - 1.774e6) < 0.001e6  # the baseline neck alone (reference §3)
 
 
 def _tiny(**kw) -> ViTAdapter:
@@ -55,7 +55,7 @@ def _tiny(**kw) -> ViTAdapter:
     return create_model("vit_adapter_cpu", **{**base, **kw})
 
 
-# The rows of ablation_variants.md (+ N sweep and dense attention).
+# The rows of reference §7 (+ N sweep and dense attention).
 ABLATIONS = {
     "baseline": dict(n_interactions=0, use_spm=False, injector="none", use_extractor=False, output_neck="baseline"),
     "variant1_add": dict(n_interactions=0, use_spm=True, injector="add", use_extractor=False, output_neck="baseline"),
@@ -239,7 +239,7 @@ def test_info_cli_reports_params(capsys) -> None:
         == 0
     )
     v1 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    # Variant 1 = baseline (23.448 M) + SPM (1.307 M), facts §3.
+    # Variant 1 = baseline (23.448 M) + SPM (1.307 M), reference §3.
     assert abs(v1["params"]["total"] - (23.448e6 + 1.307e6)) < 0.002e6
 
 
@@ -247,3 +247,109 @@ def test_info_cli_bad_flag_exits_2(capsys) -> None:
     assert main(["info", "vit_adapter_s", "--set", "injektor=add"]) == 2
     err = capsys.readouterr().err
     assert "injektor" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model API (timm style): no_weight_decay, group_matcher, forward_intermediates, disabled parts, unused params.
+
+
+@pytest.mark.parametrize("variant", sorted(ABLATIONS))
+def test_no_weight_decay_names_the_official_embeddings(variant: str) -> None:
+    model = _tiny(**ABLATIONS[variant])
+    names = {n for n, _ in model.named_parameters()}
+    # The official configs' no-decay names beyond norms and biases are level_embed and pos_embed (reference §2).
+    assert model.no_weight_decay() == {n for n in names if "level_embed" in n or "pos_embed" in n}
+    assert model.no_weight_decay() <= names and model.vit.no_weight_decay() == {"pos_embed"}
+
+
+def test_pretrain_param_groups_use_the_vit_no_weight_decay_unchanged() -> None:
+    from vit_adapter.engine.pretrain import _param_groups, build_head
+
+    vit = _tiny().vit
+    head = build_head(64)
+    groups = _param_groups([vit, head], 0.05)
+    # The previous rule, written out: 1-D parameters and the position embedding get no decay.
+    old_decay = [p for m in (vit, head) for n, p in m.named_parameters() if not (p.ndim <= 1 or n == "pos_embed")]
+    old_skip = [p for m in (vit, head) for n, p in m.named_parameters() if p.ndim <= 1 or n == "pos_embed"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in old_decay]
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in old_skip]
+
+
+def test_group_matcher_agrees_with_the_layer_decay_ids() -> None:
+    import re
+
+    from vit_adapter.engine.optim import layer_id
+
+    model = _tiny()
+    gm = model.group_matcher()
+    ((block_re, _),) = gm["blocks"]
+    for name, _ in model.named_parameters():
+        if re.match(gm["stem"], name):
+            expected = 0
+        elif m := re.match(block_re, name):
+            expected = int(m.group(1)) + 1
+        else:
+            expected = model.depth + 1
+        assert layer_id(f"backbone.{name}", model.depth) == expected, name
+    assert model.group_matcher(coarse=True)["blocks"] == block_re
+
+
+@pytest.mark.parametrize("task", ["det", "seg"])
+def test_forward_intermediates_taps_and_outputs(task: str) -> None:
+    torch.manual_seed(0)
+    model = _tiny(task=task).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        outs = model(x)
+        got, taps = model.forward_intermediates(x)
+        assert all(torch.equal(a, b) for a, b in zip(got, outs)) and len(got) == 4
+        assert [tuple(t.shape) for t in taps] == [(2, 64, 4, 6)] * model.depth
+        last2 = model.forward_intermediates(x, 2, output_fmt="NLC", intermediates_only=True)
+        assert [tuple(t.shape) for t in last2] == [(2, 24, 64)] * 2
+        assert torch.equal(last2[1].transpose(1, 2).reshape(2, 64, 4, 6), taps[-1])
+        picked = model.forward_intermediates(x, [1], intermediates_only=True)
+        assert len(picked) == 1 and torch.equal(picked[0], taps[1])
+    with pytest.raises(ValueError, match="block indices"):
+        model.forward_intermediates(x, [model.depth])
+
+
+def test_plain_vit_forward_intermediates_is_the_adapter_baseline_stream() -> None:
+    torch.manual_seed(0)
+    model = _tiny(**ABLATIONS["baseline"]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, vit_taps = model.vit.forward_intermediates(x, model.tap_indices)
+        _, taps = model.forward_intermediates(x, model.tap_indices)
+        assert torch.equal(final, model.vit(x))
+    assert all(torch.equal(a, b) for a, b in zip(vit_taps, taps)) and len(taps) == 4
+
+
+def test_disabled_injector_is_an_identity_without_keys() -> None:
+    from vit_adapter.models.adapter import PassThrough
+
+    model = _tiny(**ABLATIONS["no_injector"])
+    x, c = torch.randn(1, 16, 64), torch.randn(1, 84, 64)
+    for blk in model.interactions:
+        assert isinstance(blk.injector, PassThrough) and isinstance(blk.injector, torch.nn.Identity)
+        assert blk.injector(x, c, None, ()) is x
+    assert not [k for k in model.state_dict() if ".injector." in k]
+    full = _tiny()
+    assert all(not isinstance(blk.injector, PassThrough) for blk in full.interactions)
+
+
+EDGE_CASES = {
+    "baseline_neck_with_extractor": dict(output_neck="baseline"),
+    "adapter_neck_no_vit_feature": dict(use_extractor=False, add_vit_feature=False),
+}
+
+
+@pytest.mark.parametrize("task", ["det", "seg"])
+@pytest.mark.parametrize("variant", sorted(ABLATIONS) + sorted(EDGE_CASES))
+def test_has_unused_parameters_matches_one_training_step(variant: str, task: str) -> None:
+    """DDP's find_unused_parameters is set from this attribute: it must be True exactly when a step leaves some
+    parameter without a gradient."""
+    model = _tiny(task=task, **{**ABLATIONS, **EDGE_CASES}[variant]).train()
+    sum(o.square().mean() for o in model(torch.randn(1, 3, 64, 64))).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert model.has_unused_parameters == bool(unused), unused

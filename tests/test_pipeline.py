@@ -47,7 +47,8 @@ def micro_repo(tmp_path_factory) -> Path:
     ).stdout.split("\n")
     for rel in filter(None, files):
         src = REPO / rel
-        if src.is_file() and not rel.startswith(("results/", "reports/")) and rel != "dvc.lock":
+        # Committed inputs and results of the real pipeline stay behind: the micro profile makes its own.
+        if src.is_file() and not rel.startswith(("results/", "reports/", "data/", "weights/")) and rel != "dvc.lock":
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
@@ -132,6 +133,87 @@ def test_micro_profile_runs_every_stage_and_resumes_after_kill(micro_repo: Path)
     assert "up to date" in _dvc(micro_repo, "status").stdout
 
 
+def test_dvc_shows_metrics_plots_and_overlay_params(micro_repo: Path) -> None:
+    """After the micro repro: `dvc metrics show` has every variant's mean ± std and the verdicts, `dvc plots show`
+    renders data for each plot, and an edited overlay flag shows in `dvc params diff`."""
+    metrics = json.loads(_dvc(micro_repo, "metrics", "show", "--json").stdout)
+    files = next(iter(metrics.values()))["data"]
+    variants = files["results/metrics.json"]["data"]["variants"]
+    assert set(variants) >= {"baseline", "full"}
+    assert all(v["n"] == 1 and v["mean"] is not None for v in variants.values())
+    on_disk = json.loads((micro_repo / "results/metrics.json").read_text())["variants"]
+    assert all({"mean", "std", "n", "delta_vs_full", "delta_lo", "delta_hi"} <= set(v) for v in on_disk.values())
+    assert "findings" in files["results/findings.json"]["data"]
+    shown = _dvc(micro_repo, "metrics", "show").stdout
+    assert "variants.full.mean" in shown and "variants.baseline.delta_vs_full" in shown
+
+    shown = json.loads(_dvc(micro_repo, "plots", "show", "--json", "--split").stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    plots = shown["data"]
+    assert "metric_vs_n" in plots and "cost_vs_metric" in plots and any("train_loss" in n for n in plots)
+    for name, renders in plots.items():
+        for r in renders:
+            if r["type"] == "vega":  # every declared field found: one data point per row, y inferred
+                rows = r["anchor_definitions"]["<DVC_METRIC_DATA>"]
+                assert rows and all(row.get("dvc_inferred_y_value") not in (None, "") for row in rows), name
+            else:
+                assert r["type"] == "image" and Path(r["url"]).stat().st_size > 0, name
+    metric_vs_n = {
+        row["filename::field"].split("::")[0]
+        for row in plots["metric_vs_n"][0]["anchor_definitions"]["<DVC_METRIC_DATA>"]
+    }
+    assert metric_vs_n == {"metric_vs_n.csv", "paper_metric_vs_n.csv"}  # ours and the paper's curve
+
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", "add", "-A"], cwd=micro_repo, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "micro results"], cwd=micro_repo, check=True, capture_output=True)
+    overlay = micro_repo / "ablations" / "full.yaml"
+    original = overlay.read_text()
+    try:
+        raw = yaml.safe_load(original)
+        raw["model"]["n_interactions"] = 3
+        overlay.write_text(yaml.safe_dump(raw))
+        diff = _dvc(micro_repo, "params", "diff").stdout
+        assert "ablations/full.yaml" in diff and "model.n_interactions" in diff
+    finally:
+        overlay.write_text(original)
+
+
+def _weights_sha(repo: Path) -> str:
+    return json.loads((repo / "weights/vit_micro.safetensors.json").read_text())["output_sha256"]
+
+
+def test_new_weight_bytes_at_the_same_path_retrain_every_dependent_result(micro_repo: Path) -> None:
+    """The fresh-clone failure: the weights stage writes other bytes to the same path (another CPU; here another
+    pretraining seed). Every run that loads them and the sweep retrain, the report shows the new digest."""
+    runs = sorted((micro_repo / "results/runs").glob("*/s0"))
+    before = {r: json.loads((r / "run.json").read_text()) for r in runs}
+    configs = {r: (r / "config.yaml").read_text() for r in runs}
+    old_sha = _weights_sha(micro_repo)
+    old_study = json.loads((micro_repo / "results/sweeps/summary.json").read_text())["study_name"]
+    assert f"`{old_sha}`" in (micro_repo / "reports/ablation_report.md").read_text()
+
+    params = yaml.safe_load((micro_repo / "params.yaml").read_text())
+    params["pretrain"]["seed"] = 1
+    (micro_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _dvc(micro_repo, "repro")
+
+    new_sha = _weights_sha(micro_repo)
+    assert new_sha != old_sha
+    for r in runs:
+        after = json.loads((r / "run.json").read_text())
+        assert (r / "config.yaml").read_text() == configs[r], "same config: only the weights' bytes changed"
+        if before[r]["inputs"]["weights"] is None:
+            continue  # a random-init run reads no weights
+        assert after["identity"] != before[r]["identity"] and after["inputs"]["weights"] == new_sha, r
+        assert after["utc_time"] >= before[r]["utc_time"] and after["resumed_from_iteration"] == 0
+    summary = json.loads((micro_repo / "results/sweeps/summary.json").read_text())
+    assert summary["study_name"] != old_study, "the sweep reused the study of other weights"
+    report_text = (micro_repo / "reports/ablation_report.md").read_text()
+    assert f"`{new_sha}`" in report_text and f"`{old_sha}`" not in report_text
+    assert "up to date" in _dvc(micro_repo, "status").stdout
+
+
 def test_variant_configs_follow_their_overlays() -> None:
     """The pipeline's own overrides never undo an overlay (a pipeline-wide `weights.init=pretrained` once did)."""
     from vit_adapter.pipeline import load_params, variant_config
@@ -144,3 +226,43 @@ def test_variant_configs_follow_their_overlays() -> None:
         cfg = variant_config(params, variant, 3)
         assert cfg.weights.init == "pretrained" and cfg.weights.source == params["pretrain"]["out"]
         assert cfg.train.seed == 3 and cfg.train.threads == params["threads_per_worker"]
+
+
+def _paper_params(tmp_path: Path, data_root: Path, weights_src: Path | None) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profile"] = "paper"
+    params["data_root"] = str(data_root)
+    params["sets"] = [f"weights.source={weights_src}"] if weights_src is not None else []
+    params["pretrain"] = {"out": str(tmp_path / "weights" / "deit_s.safetensors")}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_paper_route_data_and_weights_stages(tmp_path: Path, capsys) -> None:
+    """`profile: paper` passes the data and weights stages given a COCO root and a local DeiT file, and stops with
+    one line saying what to provide when the dataset is missing."""
+    import torch
+
+    from vit_adapter import pipeline
+
+    coco = tmp_path / "coco"
+    code = pipeline.main(["data", "--params", str(_paper_params(tmp_path, coco, None))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "annotations/instances_train2017.json" in err and "data_root" in err
+
+    for rel in ("annotations", "train2017", "val2017"):
+        (coco / rel).mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        (coco / "annotations" / f"instances_{split}2017.json").write_text("{}")
+    deit = tmp_path / "deit_small.pth"
+    torch.save({"model": {"cls_token": torch.zeros(1, 1, 4), "pos_embed": torch.zeros(1, 5, 4)}}, deit)
+    params = _paper_params(tmp_path, coco, deit)
+    assert pipeline.main(["data", "--params", str(params)]) == 0
+    assert pipeline.main(["weights", "--params", str(params)]) == 0
+    out = tmp_path / "weights" / "deit_s.safetensors"
+    assert out.is_file() and (tmp_path / "weights" / "deit_s.safetensors.json").is_file()
+    # every profile's runs read the file the weights stage wrote
+    cfg = pipeline.variant_config(yaml.safe_load(params.read_text()), "full", 0)
+    assert cfg.weights.source == str(out) and cfg.data.root == str(coco) and cfg.data.dataset == "coco"

@@ -1,11 +1,17 @@
-"""The CPU speed-ups of issue 5 keep the function: every output and every gradient of the optimised model matches a
-straightforward reference path within ‖Δ‖/‖ref‖ ≤ 1e-5 in fp32, and the overhead benchmark runs in-process.
+"""The CPU speed-ups of issues 5 and 14 keep the function, and the overhead benchmark runs in-process.
+
+The same-function rule (issue 14): for every output and every gradient, the optimised fp32 model's error against a
+float64 evaluation of the straightforward reference path is <= max(1e-5 relative, 1.5 x the fp32 reference path's own
+error against float64). Relative errors are ‖Δ‖/‖float64‖. (Issue 5's rule, ‖Δ‖/‖ref‖ <= 1e-5 against the fp32
+reference, rejected changes whose only difference is fp32 rounding order, such as the channels-last SPM: train-mode
+BatchNorm amplifies the convolutions' rounding in the stem's parameter gradients.)
 
 The reference path is kept here on purpose: the plain implementations that the optimised code replaced (separate
 Linear layers for offsets and attention logits, per-map transpose copies around the ConvFFN's depthwise conv, the
-unfused injector update, the out-of-place output neck, tokens left in the transposed layout), bound onto a deep
-copy of the model so both paths share every weight. The deformable core itself is the same call in both paths;
-its fast-vs-reference equivalence is tested in tests/test_ops.py.
+unfused injector update, the out-of-place output neck, tokens left in the transposed layout, the NCHW SPM, and the
+per-level grid_sample deformable core instead of the default backend), bound onto a deep copy of the model so both
+paths share every weight. The cores' own equivalence, at their shapes and on the borders, is tested in
+tests/test_ops.py.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vit_adapter.models.adapter import ConvFFN, Injector, ViTAdapter
+from vit_adapter.models.adapter import ConvFFN, Injector, SpatialPriorModule, ViTAdapter
 from vit_adapter.models.attention import MSDeformAttn
 from vit_adapter.models.factory import create_model
 from vit_adapter.models.ops import ms_deform_attn
@@ -57,7 +63,7 @@ def _ref_msdeform_forward(
     weights = weights.softmax(-1).view(b, lq, self.n_heads, self.n_levels, self.n_points)
     norm = offsets.new_tensor([[w, h] for h, w in spatial_shapes])
     loc = reference_points[:, :, None, :, None, :] + offsets / norm[None, None, None, :, None, :]
-    out = ms_deform_attn(v, spatial_shapes, loc, weights)
+    out = ms_deform_attn(v, spatial_shapes, loc, weights, backend="reference")  # the per-level grid_sample yardstick
     return self.output_proj(out.to(v.dtype))
 
 
@@ -69,6 +75,14 @@ def _ref_convffn_forward(self: ConvFFN, x: Tensor, shapes) -> Tensor:
     x = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
     x = self.drop(self.act(x))
     return self.drop(self.fc2(x))
+
+
+def _ref_spm_forward(self: SpatialPriorModule, image: Tensor, patches: Tensor) -> list[Tensor]:
+    c1 = self.stem(image)  # NCHW throughout
+    c2 = self.conv2(c1)
+    c3 = self.conv3(c2)
+    c4 = self.conv4(c3)
+    return [self.fc1(c1), self.fc2(c2), self.fc3(c3), self.fc4(c4)]
 
 
 def _ref_injector_forward(self: Injector, x: Tensor, c: Tensor, ref: Tensor, shapes) -> Tensor:
@@ -107,6 +121,7 @@ def reference_copy(model: ViTAdapter) -> ViTAdapter:
     patches = {
         MSDeformAttn: ("forward", _ref_msdeform_forward),
         ConvFFN: ("forward", _ref_convffn_forward),
+        SpatialPriorModule: ("forward", _ref_spm_forward),
         Injector: ("forward", _ref_injector_forward),
         PlainViT: ("embed", _ref_embed),
         ViTAdapter: ("_adapter_outputs", _ref_adapter_outputs),
@@ -136,11 +151,11 @@ def _perturb(model: nn.Module, seed: int) -> None:
 
 def _step(model: nn.Module, image: Tensor, seed: int) -> tuple[list[Tensor], dict[str, Tensor]]:
     model.zero_grad(set_to_none=True)
-    x = image.clone().requires_grad_()
+    x = image.clone().to(next(model.parameters()).dtype).requires_grad_()
     torch.manual_seed(seed)  # same drop-path masks in both paths
     outs = model(x)
-    gen = torch.Generator().manual_seed(seed + 1)
-    torch.autograd.backward(outs, [torch.randn(o.shape, generator=gen) for o in outs])
+    gen = torch.Generator().manual_seed(seed + 1)  # the same upstream gradients in fp32 and float64
+    torch.autograd.backward(outs, [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs])
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     grads["<input>"] = x.grad
     return [o.detach() for o in outs], grads
@@ -170,20 +185,29 @@ def test_optimised_model_matches_reference_path(case: str) -> None:
     image = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
     outs, grads = _step(model, image, 3)
     ref_outs, ref_grads = _step(ref, image, 3)
-    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+    exact_outs, exact_grads = _step(copy.deepcopy(ref).double(), image, 3)
+    for i, (o, r, e) in enumerate(zip(outs, ref_outs, exact_outs)):
         assert o.shape == r.shape and o.stride() == r.stride()  # same values and the same memory layout
-        assert _rel(o, r) <= TOL, f"output {i}: {_rel(o, r):.2e}"
-    _check_grads(grads, ref_grads)
+        _check_rule(f"output {i}", o, r, e)
+    _check_grads(grads, ref_grads, exact_grads)
 
 
-def _check_grads(grads: dict[str, Tensor], ref_grads: dict[str, Tensor]) -> None:
-    assert grads.keys() == ref_grads.keys()
+def _check_rule(name: str, got: Tensor, ref: Tensor, exact: Tensor) -> None:
+    """The float64 rule: error(fast) <= max(1e-5, 1.5 x error(fp32 reference)), both against float64."""
+    bound = max(TOL, 1.5 * _rel(ref, exact))
+    assert _rel(got, exact) <= bound, (
+        f"{name}: {_rel(got, exact):.2e} > {bound:.2e} (fp32 reference {_rel(ref, exact):.2e})"
+    )
+
+
+def _check_grads(grads: dict[str, Tensor], ref_grads: dict[str, Tensor], exact_grads: dict[str, Tensor]) -> None:
+    assert grads.keys() == ref_grads.keys() == exact_grads.keys()
     for name, ref_grad in ref_grads.items():
         if name in BN_SHADOWED:
-            scale = ref_grads[BN_SHADOWED[name]].norm().item()
+            scale = exact_grads[BN_SHADOWED[name]].norm().item()
             assert max(grads[name].norm().item(), ref_grad.norm().item()) <= TOL * scale, name
         else:
-            assert _rel(grads[name], ref_grad) <= TOL, f"grad {name}: {_rel(grads[name], ref_grad):.2e}"
+            _check_rule(f"grad {name}", grads[name], ref_grad, exact_grads[name])
 
 
 def test_vit_baseline_matches_reference_and_keeps_tokens_contiguous() -> None:
@@ -194,8 +218,11 @@ def test_vit_baseline_matches_reference_and_keeps_tokens_contiguous() -> None:
     image = torch.randn(2, 3, 96, 64, generator=torch.Generator().manual_seed(5))
     outs, grads = _step(model, image, 5)
     ref_outs, ref_grads = _step(ref, image, 5)
-    assert all(_rel(o, r) <= TOL and o.stride() == r.stride() for o, r in zip(outs, ref_outs))
-    _check_grads(grads, ref_grads)
+    exact_outs, exact_grads = _step(copy.deepcopy(ref).double(), image, 5)
+    for i, (o, r, e) in enumerate(zip(outs, ref_outs, exact_outs)):
+        assert o.stride() == r.stride()
+        _check_rule(f"output {i}", o, r, e)
+    _check_grads(grads, ref_grads, exact_grads)
     # Why it is faster: the residual stream is contiguous from the first block on (was a transposed view).
     assert model.vit.embed(model.vit.patchify(image)).is_contiguous()
 
@@ -237,3 +264,30 @@ def test_overhead_bench_runs_in_process(capsys, tmp_path: Path) -> None:
     assert abs(result["ratio"] - result["adapter_ms"] / result["baseline_ms"]) < 0.01
     written = json.loads((tmp_path / "o.json").read_text())  # the file adds the host the ratios belong to
     assert written["vit_adapter_t@64"] == result and "1 threads" in written["host"] and "torch" in written["host"]
+
+
+def test_overhead_bench_embedded_row_and_compare_ref(capsys, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: --compare-ref needs one")
+    spec = importlib.util.spec_from_file_location("overhead_bench_ref", root / "bench" / "overhead.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    factory_before = sys.modules["vit_adapter.models.factory"]
+    argv = ["--models", "vit_adapter_t", "--res", "64", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    assert overhead.main([*argv, "--json", "--embedded", "--compare-ref", "HEAD"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # The embedded default's own workload: its profile's batch and thread count, full model, against its baseline.
+    embedded = result["embedded@128"]
+    assert embedded["batch"] == 4 and embedded["threads"] == 1 and "timm_ms" not in embedded
+    for row in (embedded, result["vit_adapter_t@64"]):
+        assert row["ref_adapter_ms"] > 0 and row["ref_baseline_ms"] > 0
+        assert abs(row["adapter_speedup_vs_ref"] - row["ref_adapter_ms"] / row["adapter_ms"]) < 0.01
+    # This checkout's modules are back in place and the temporary worktree is gone.
+    assert sys.modules["vit_adapter.models.factory"] is factory_before
+    worktrees = subprocess.run(["git", "-C", str(root), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "vit_adapter_compare_" not in worktrees
+    assert "| embedded@128 |" in overhead.markdown_table({"embedded@128": embedded})

@@ -18,17 +18,24 @@ from optuna.trial import TrialState
 
 from tests.test_engine import tiny_sets
 from vit_adapter.data import generate_dataset
+from vit_adapter.engine.identity import sha256_file
 from vit_adapter.sweep import (
     KILL_ENV,
     REFERENCE_POINTS,
     SweepError,
     SweepSettings,
+    _forget_if_stale,
     add_sweep_args,
+    create_study,
+    export_study,
+    main,
     open_storage,
     plan_sweep,
+    redact,
     run_sweep,
     settings_from_args,
     settings_from_mapping,
+    storage_url,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,12 +211,110 @@ def test_study_name_follows_the_objective_and_settings_are_checked(tmp_path, dat
     assert (s.n_trials, s.seeds, s.sets) == (5, [3, 4], ["optim.lr=1e-3", "train.max_iters=7"])
 
 
-def test_budget_scales_the_schedule(tmp_path) -> None:
-    plan = plan_sweep(SweepSettings(max_iters=200, out_dir=str(tmp_path)))
+def test_budget_scales_the_schedule(tmp_path, data_root) -> None:
+    # The study identity digests the data and weights, so the plan needs them: tiny data, no pretrained weights.
+    inputs = [f"data.root={data_root}", "weights.init=scratch"]
+    plan = plan_sweep(SweepSettings(max_iters=200, out_dir=str(tmp_path), sets=inputs))
     cfg = plan.config(0, {"gamma_init": 1e-3, "cffn_ratio": 0.5, "with_cffn": True})
-    full = plan_sweep(SweepSettings(out_dir=str(tmp_path))).config(0, {})
+    full = plan_sweep(SweepSettings(out_dir=str(tmp_path), sets=inputs)).config(0, {})
     assert cfg.train.max_iters == 200 and cfg.train.eval_interval == 50 == plan.eval_interval
-    assert plan_sweep(SweepSettings(max_iters=150, out_dir=str(tmp_path))).eval_interval == 38  # 4 evaluations
+    assert plan_sweep(SweepSettings(max_iters=150, out_dir=str(tmp_path), sets=inputs)).eval_interval == 38
     scale = 200 / full.train.max_iters
     assert cfg.optim.milestones == [round(m * scale) for m in full.optim.milestones if round(m * scale) < 200]
     assert cfg.model.gamma_init == 1e-3 and cfg.train.threads == 1
+
+
+def _write_weights(cfg, src: Path, out: Path, seed: int) -> None:
+    """A .safetensors (+ sidecar) for the tiny model's ViT, drawn from `seed`, at `out` (replaced if present)."""
+    import torch
+
+    from vit_adapter.engine.build import backbone_of, build_model
+    from vit_adapter.engine.weights import fetch_weights
+
+    torch.manual_seed(seed)
+    torch.save(backbone_of(build_model(cfg)).vit.state_dict(), src)
+    fetch_weights(str(src), out)
+
+
+def test_changed_weights_at_the_same_path_start_a_new_study(tmp_path, data_root) -> None:
+    weights = tmp_path / "weights" / "vit.safetensors"
+    settings = micro(data_root, tmp_path / "sweeps", n_trials=1)
+    settings.sets = [*settings.sets, "weights.init=pretrained", f"weights.source={weights}"]
+    scratch = plan_sweep(micro(data_root, tmp_path / "sweeps", n_trials=1))
+    _write_weights(scratch.config(0, {}), tmp_path / "a.pth", weights, seed=1)
+    first = run_sweep(settings)
+    assert first["inputs"]["weights"] == sha256_file(weights) and first["inputs"] == first["objective"]["inputs"]
+    recorded = json.loads((Path(first["study_dir"]) / "settings.json").read_text())
+    assert recorded["inputs"] == first["inputs"] and recorded["identity"] == first["identity"]
+    assert recorded["identity"].startswith(first["study_name"].rsplit("-", 1)[1])  # the name carries the identity
+    run0 = Path(first["study_dir"]) / "trials" / "trial_0000" / "seed_0"
+    stamp = (run0 / "metrics.json").stat().st_mtime_ns
+
+    _write_weights(scratch.config(0, {}), tmp_path / "b.pth", weights, seed=2)  # other bytes, the same path
+    second = run_sweep(settings)
+    assert second["study_name"] != first["study_name"] and second["inputs"]["weights"] == sha256_file(weights)
+    assert {k: v for k, v in second["inputs"].items() if k != "weights"} == {
+        k: v for k, v in first["inputs"].items() if k != "weights"
+    }
+    # No trial reused: the new study trained its own trial; the old study and its run are untouched.
+    assert second["counts"]["complete"] == 1 and len(load(settings).trials) == 1
+    run1 = Path(second["study_dir"]) / "trials" / "trial_0000" / "seed_0"
+    assert json.loads((run1 / "run.json").read_text())["resumed_from_iteration"] == 0
+    assert (run0 / "metrics.json").stat().st_mtime_ns == stamp
+    # An explicit study name cannot reuse the old study for the new inputs either.
+    with pytest.raises(SweepError, match="another objective"):
+        run_sweep(dataclasses.replace(settings, study_name=first["study_name"]))
+
+
+def test_a_run_trained_for_another_identity_is_not_reused(tmp_path) -> None:
+    run = tmp_path / "trial_0000" / "seed_0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    (tmp_path / "trial_0000" / "seed_0.partial").mkdir()
+    _forget_if_stale(run, "new")  # no marker: trained by something that did not record its identity
+    assert not run.exists() and not run.with_name("seed_0.partial").exists()
+    assert (tmp_path / "trial_0000" / "seed_0.identity").read_text().strip() == "new"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    _forget_if_stale(run, "new")  # the same identity: kept
+    assert (run / "metrics.json").is_file()
+    _forget_if_stale(run, "other")  # changed config or inputs: discarded
+    assert not run.exists()
+
+
+def test_storage_credentials_come_from_the_environment(tmp_path, monkeypatch, capsys) -> None:
+    with pytest.raises(SweepError, match="literal password") as err:
+        SweepSettings(storage="postgresql://optuna:s3cret@db-host/optuna")
+    assert "s3cret" not in str(err.value)
+    url = "postgresql://optuna:${SWEEP_TEST_PW}@db-host:5432/optuna"
+    settings = SweepSettings(storage=url)  # a placeholder is fine
+    monkeypatch.delenv("SWEEP_TEST_PW", raising=False)
+    with pytest.raises(SweepError, match="SWEEP_TEST_PW is not set"):
+        storage_url(settings)
+    monkeypatch.setenv("SWEEP_TEST_PW", "p/w@x")
+    assert storage_url(settings) == "postgresql://optuna:p/w@x@db-host:5432/optuna"
+    assert storage_url(SweepSettings(storage="${SWEEP_TEST_PW}")) == "p/w@x"  # the whole URL from one variable
+    assert redact("postgresql://optuna:p/w@x@db-host/optuna") == "postgresql://optuna:***@db-host/optuna"
+    assert redact(url) == url and redact("sqlite:///x.db") == "sqlite:///x.db"
+    # The CLI: one line naming the problem, exit 2, and no password in what it prints.
+    assert main(["--storage", "postgresql://optuna:s3cret@db-host/optuna", "--out-dir", str(tmp_path)]) == 2
+    out, errtext = capsys.readouterr()
+    assert "literal password" in errtext and len(errtext.strip().splitlines()) == 1 and "s3cret" not in out + errtext
+    assert main(["--report-only", "--export", "--out-dir", str(tmp_path)]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_export_needs_an_rdb_and_a_finished_study(tmp_path, data_root, capsys) -> None:
+    with pytest.raises(SweepError, match="RDB"):
+        export_study(micro(data_root, tmp_path / "sweeps"))
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    settings = micro(data_root, tmp_path / "sweeps", n_trials=1, storage=url)
+    with pytest.raises(SweepError, match="run the sweep first"):
+        export_study(settings)
+    plan = plan_sweep(settings)
+    study = create_study(plan, open_storage(plan))
+    with pytest.warns(UserWarning, match="Heartbeat"):  # Optuna: a heartbeat storage outside optimize()
+        study.ask()  # a trial left RUNNING: its copy would look interrupted to the journal's liveness check
+    with pytest.raises(SweepError, match=r"unfinished trials \[0\]"):
+        export_study(settings)
+    assert not plan.journal_path.exists()

@@ -1,6 +1,8 @@
 """`vit-adapter` command line: thin wrappers that parse, call the library and map errors to exit codes.
 
-Exit codes: 0 success, 2 bad input (config key, file, size, checksum), 1 anything unexpected.
+Exit codes: 0 success; 2 bad input or a fault the user can fix (config key, file, size, checksum, a diverged
+loss, an OS error such as a full disk or a read-only --out, a run locked by another process), always as one line;
+130 interrupted by SIGINT (143 SIGTERM); 1 anything unexpected (a bug: traceback). See docs/faults.md.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if args.head:
             from .models.heads import build_head_model
 
-            n_cls = args.num_classes or (80 if args.task == "det" else 150)  # COCO / ADE20K (facts §3)
+            n_cls = args.num_classes or (80 if args.task == "det" else 150)  # COCO / ADE20K (reference §3)
             full = build_head_model(args.task, args.head, backbone, num_classes=n_cls)
             head_params = sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in backbone.parameters())
     parts = backbone.param_breakdown()
@@ -78,13 +80,16 @@ def _adapter_flag_names() -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import generate_dataset
-    from .engine.build import DEFAULT_ROOTS, REPO_ROOT
+    from .engine.build import DEFAULT_ROOTS
     from .engine.config import config_from_args
 
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     cfg = config_from_args(args)
     if cfg.data.dataset != "generated":
         raise UsageError(f"`data` generates the synthetic set; the profile's data.dataset is {cfg.data.dataset!r}")
-    root = args.out or REPO_ROOT / (cfg.data.root or DEFAULT_ROOTS["generated"])
+    # Relative to the working directory, like data.root when training reads it (docs/faults.md).
+    root = args.out or Path(cfg.data.root or DEFAULT_ROOTS["generated"]).expanduser()
     gen = dict(cfg.data.generator)
     manifest = generate_dataset(
         root,
@@ -140,6 +145,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.trainer import evaluate_checkpoint
 
     cfg = _train_config(args)
+    if args.out is not None and args.out.is_dir():  # found before the evaluation's minutes, not after
+        raise UsageError(f"--out {args.out} is a directory; give the metrics JSON file to write")
     metrics = evaluate_checkpoint(cfg, args.checkpoint)
     if args.out:
         atomic_write_json(args.out, metrics)
@@ -155,7 +162,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="vit-adapter", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"vit-adapter {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameter counts of a preset with flag overrides")
@@ -215,16 +225,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None:  # e.g. "No space left on device: results/x"
+        msg: Any = f"{err.strerror or type(err).__name__}: {err.filename}"
+    elif isinstance(err, KeyError) and err.args:
+        msg = err.args[0]
+    else:
+        msg = err
+    return " ".join(str(msg).split())  # chained or multi-line library messages stay on one line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
     from .engine.rundir import RunDirError
+    from .engine.trainer import StopTraining
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, KeyError, RunDirError) as err:  # bad input: one line, exit 2
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"vit-adapter {args.command}: error: {msg}", file=sys.stderr)
+    except StopTraining as err:  # SIGINT/SIGTERM during training: the last checkpoint is kept
+        print(f"vit-adapter {args.command}: {_one_line(err)}", file=sys.stderr)
+        return 128 + (err.signum or signal.SIGINT)
+    except KeyboardInterrupt:  # before the trainer's handlers are in place (or outside training)
+        print(f"vit-adapter {args.command}: interrupted; rerun the same command", file=sys.stderr)
+        return 130
+    # Bad input and faults the user can fix (ValueError covers ConfigError, DataError, WeightsError,
+    # CheckpointError and DivergedError; OSError a full disk, a read-only or non-directory --out): one line.
+    except (ValueError, OSError, KeyError, RunDirError) as err:
+        print(f"vit-adapter {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

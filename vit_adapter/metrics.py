@@ -1,4 +1,4 @@
-"""Evaluation metrics with the conventions of the official codebases (facts §2: mmdet 2.22 / mmseg 0.20.2).
+"""Evaluation metrics with the conventions of the official codebases (reference §2: mmdet 2.22 / mmseg 0.20.2).
 
 * Detection / instance segmentation: COCO AP through pycocotools, returned like mmdet's metric dict, i.e. as
   **fractions in [0, 1]** under ``bbox_mAP, bbox_mAP_50, bbox_mAP_75, bbox_mAP_s, bbox_mAP_m, bbox_mAP_l`` and
@@ -69,7 +69,10 @@ def detections_to_coco_results(
     if not len(boxes) == len(scores) == len(labels):
         raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
     masks = None
-    if with_masks and "masks" in output:
+    rles = output.get("rles") if with_masks else None  # already encoded (CocoMetric stores masks as RLE)
+    if rles is not None and len(rles) != len(boxes):
+        raise ValueError(f"image {image_id}: {len(rles)} RLE masks for {len(boxes)} detections")
+    if with_masks and rles is None and "masks" in output:
         m = _to_numpy(output["masks"])
         if m.ndim == 4:
             m = m[:, 0]
@@ -88,12 +91,19 @@ def detections_to_coco_results(
             "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
             "score": float(scores[k]),
         }
-        if masks is not None:
-            rle = mask_utils.encode(np.asfortranarray(masks[k].astype(np.uint8)))
-            rle["counts"] = rle["counts"].decode("ascii")
-            res["segmentation"] = rle
+        if rles is not None:
+            res["segmentation"] = dict(rles[k])
+        elif masks is not None:
+            res["segmentation"] = encode_mask(masks[k])
         results.append(res)
     return results
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """One binary (H, W) mask as a COCO RLE with text counts (JSON- and pickle-friendly)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
 
 
 def _empty_results(gt: COCO) -> COCO:
@@ -163,14 +173,17 @@ class CocoMetric:
         self.preds: dict[int, dict[str, Any]] = {}
 
     def update(self, image_ids: Sequence[int], outputs: Sequence[Mapping[str, Any]]) -> None:
-        """Store outputs (moved to CPU; float masks kept only as binary) for each image id."""
+        """Store outputs (moved to CPU; masks thresholded and kept as RLE, which is compact: a full-size binary
+        mask per detection would not fit in memory for COCO val, nor travel cheaply between processes)."""
         if len(image_ids) != len(outputs):
             raise ValueError(f"{len(image_ids)} image ids for {len(outputs)} outputs")
         for image_id, o in zip(image_ids, outputs):
             stored = {k: _to_numpy(o[k]) for k in ("boxes", "scores", "labels")}
             if "masks" in o:
                 m = _to_numpy(o["masks"])
-                stored["masks"] = m >= MASK_THRESHOLD if m.dtype.kind == "f" else m.astype(bool)
+                m = m[:, 0] if m.ndim == 4 else m
+                binary = m >= MASK_THRESHOLD if m.dtype.kind == "f" else m.astype(bool)
+                stored["rles"] = [encode_mask(b) for b in binary]
             self.preds[int(image_id)] = stored
 
     def compute(self, log: Callable[[str], None] | None = None) -> dict[str, float]:

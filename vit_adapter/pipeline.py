@@ -1,9 +1,12 @@
 """The steps that `dvc.yaml` runs, driven by `params.yaml`: data → weights → train+eval per {variant, seed} →
 compute-matched baseline. Aggregation, plots and the report live in `vit_adapter.analysis`.
 
-Each step is idempotent: a finished run directory whose resolved config is unchanged is kept, an interrupted one
-(``<run>.partial``) resumes from its checkpoint, anything else is retrained. So `dvc repro` after a kill -9
-continues where it stopped (the training stages declare their outputs ``persist: true``).
+Each step is idempotent: a finished run directory whose *identity* is unchanged is kept, an interrupted one
+(``<run>.partial``) resumes from its checkpoint when its identity matches, anything else is retrained. The
+identity (``vit_adapter.engine.identity``) hashes the resolved config and the content of what the run reads: the
+weights file's bytes, the dataset's bytes and the training code. So re-pretrained weights at the same path, other
+data or changed code retrain every dependent run, and `dvc repro` after a kill -9 continues where it stopped (the
+training stages declare their outputs ``persist: true``).
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from typing import Any
 
 import yaml
 
-from .engine.config import EXECUTION_KEYS, Config, config_hash, load_config
-from .engine.rundir import atomic_write_json
+from .engine.config import Config, load_config, save_config
+from .engine.identity import run_identity
+from .engine.rundir import IDENTITY_FILE, PARTIAL_SUFFIX, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
-# `profile: paper` means the paper's ablation setting: ViT-Adapter-S, Mask R-CNN 1x on COCO (facts §3).
+# `profile: paper` means the paper's ablation setting: ViT-Adapter-S, Mask R-CNN 1x on COCO (reference §3).
 PROFILE_ALIASES = {"paper": "coco_maskrcnn_1x_s"}
 
 
@@ -45,10 +49,10 @@ def base_sets(params: dict[str, Any]) -> list[str]:
     """Overrides every run gets: the profile's extra sets, the data and weights the earlier stages wrote, and
     per-worker threads. `weights.init` stays the profile's or the overlay's (baseline_scratch sets 'scratch')."""
     sets = list(params.get("sets") or [])
-    prof = load_config(profile_name(params), [], sets)
-    if prof.data.dataset == "generated":
-        sets.append(f"data.root={params.get('data_root', 'data/generated')}")
-        sets.append(f"weights.source={params['pretrain']['out']}")
+    # Every profile reads the dataset at `data_root` and the weights file the `weights` stage wrote (pretrained
+    # offline for the embedded default, the official DeiT weights converted for the paper profiles).
+    sets.append(f"data.root={params.get('data_root', 'data/generated')}")
+    sets.append(f"weights.source={params['pretrain']['out']}")
     sets.append(f"train.threads={params.get('threads_per_worker', 1)}")
     return sets
 
@@ -61,14 +65,34 @@ def variant_config(params: dict[str, Any], variant: str, seed: int, extra: Seque
 
 
 # ---------------------------------------------------------------------------------------------------------
+# What a real dataset root must hold (checked by the `data` step so that `dvc repro` stops with one line).
+DATASET_LAYOUT = {
+    "coco": ("annotations/instances_train2017.json", "annotations/instances_val2017.json", "train2017", "val2017"),
+    "ade20k": (
+        "ADEChallengeData2016/images/training",
+        "ADEChallengeData2016/images/validation",
+        "ADEChallengeData2016/annotations/training",
+        "ADEChallengeData2016/annotations/validation",
+    ),
+}
+
+
 def step_data(params: dict[str, Any]) -> int:
     cfg = load_config(profile_name(params), [], params.get("sets") or [])
+    root = REPO / params.get("data_root", "data/generated")
     if cfg.data.dataset != "generated":
-        print(f"profile uses {cfg.data.dataset}: nothing to generate (see docs/paper_profile.md)")
+        need = DATASET_LAYOUT[cfg.data.dataset]
+        missing = [rel for rel in need if not (root / rel).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"profile {profile_name(params)} reads {cfg.data.dataset} from {root} (params.yaml data_root), "
+                f"which lacks {', '.join(missing)}: point data_root at a folder holding {', '.join(need)} "
+                "(docs/paper_profile.md)"
+            )
+        print(f"{cfg.data.dataset} found at {root}")
         return 0
     from .data import generate_dataset
 
-    root = REPO / params.get("data_root", "data/generated")
     generate_dataset(
         root,
         n_train=cfg.data.n_train or 0,
@@ -83,38 +107,55 @@ def step_data(params: dict[str, Any]) -> int:
 
 
 def step_weights(params: dict[str, Any]) -> int:
-    """Offline default: pretrain the plain ViT; the paper profile fetches the official DeiT weights instead."""
+    """Offline default: pretrain the plain ViT. The paper profiles convert the official DeiT weights instead
+    (``weights.source`` of the profile, or a local file given through params.yaml ``sets``) into ``pretrain.out``,
+    so that every profile's runs read one local file whose bytes their identity records."""
     cfg = load_config(profile_name(params), [], params.get("sets") or [])
+    p = dict(params["pretrain"])
+    out = REPO / p.pop("out")
     if cfg.data.dataset != "generated":
-        from .engine.build import resolve_weights
+        from .engine.weights import fetch_weights
 
-        print(f"weights: {resolve_weights(cfg)}")
+        if cfg.weights.init != "pretrained" or not cfg.weights.source:
+            raise ValueError(f"profile {profile_name(params)} sets no weights.source to convert into {out}")
+        print(f"weights: {fetch_weights(cfg.weights.source, out, cfg.weights.sha256)}")
         return 0
     from .engine.pretrain import pretrain
 
-    p = dict(params["pretrain"])
-    out = REPO / p.pop("out")
     result = pretrain(out=out, **p)
     print(json.dumps({k: result.get(k) for k in ("top1", "steps", "seconds")}))
     return 0
 
 
+def _finished_identity(out: Path) -> str | None:
+    """The identity a finished run directory recorded (None if unfinished or written before identities)."""
+    try:
+        if (out / "metrics.json").is_file():
+            return json.loads((out / "run.json").read_text(encoding="utf-8")).get("identity")
+    except (OSError, json.JSONDecodeError):
+        pass
+    return None
+
+
+def _partial_identity(out: Path) -> str | None:
+    try:
+        return (out.with_name(out.name + PARTIAL_SUFFIX) / IDENTITY_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+
+
 def _run_one(cfg: Config, out: Path) -> tuple[str, int, bool]:
     """Train one (variant, seed) in its own process (1 thread each: two 1-thread processes beat one 2-thread
-    process on this machine, cpu_budget.md). Returns (name, exit code, whether it trained)."""
-    identity = config_hash(cfg, exclude=EXECUTION_KEYS)
-    if out.is_dir() and (out / "metrics.json").is_file():
-        old = load_config(None, [out / "config.yaml"]) if (out / "config.yaml").is_file() else None
-        if old is not None and config_hash(old, exclude=EXECUTION_KEYS) == identity:
-            return out.name, 0, False  # finished with the same settings
-        shutil.rmtree(out)
-    partial = out.with_name(out.name + ".partial")
-    resume = partial.is_dir() and (partial / "RUN_IDENTITY").read_text().strip() == identity
+    process on this machine, docs/performance.md). Returns (name, exit code, whether it trained)."""
+    identity, _ = run_identity(cfg)
+    if out.is_dir():
+        if _finished_identity(out) == identity:
+            return out.name, 0, False  # finished from the same config, code, data and weights
+        shutil.rmtree(out)  # stale: another config or other input bytes
+    resume = _partial_identity(out) == identity
     cfg_file = out.with_name(out.name + ".config.yaml")
-    from .engine.config import save_config
-
     save_config(cfg, cfg_file)
-    cmd = [sys.executable, "-m", "vit_adapter.cli", "train", "--config", str(cfg_file), "--out", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "vit_adapter.pipeline", "run-one", "--config", str(cfg_file), "--out", str(out)]
     if not resume:
         cmd.append("--no-resume")
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.train.threads or 1)}
@@ -124,6 +165,15 @@ def _run_one(cfg: Config, out: Path) -> tuple[str, int, bool]:
         cfg_file.unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # results stay small; weights are not results
     return out.name, code, True
+
+
+def run_one(config_file: Path, out: Path, *, resume: bool) -> int:
+    """The training process of one run (what `_run_one` starts): the trainer on a resolved config file."""
+    from .engine.trainer import train
+
+    cfg = load_config(None, [config_file])
+    train(cfg, out, resume=resume, progress=False)
+    return 0
 
 
 def train_runs(params: dict[str, Any], jobs: list[tuple[Config, Path]], root: Path, stage: str) -> int:
@@ -207,11 +257,18 @@ def _drop_stale(root: Path, keep: set[str]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vit_adapter.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["data", "weights", "train", "compute-matched"])
+    parser.add_argument("step", choices=["data", "weights", "train", "compute-matched", "run-one"])
     parser.add_argument("--variant", help="ablation overlay name (train step)")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--config", type=Path, help="resolved config file (run-one: the process of one run)")
+    parser.add_argument("--out", type=Path, help="run directory (run-one)")
+    parser.add_argument("--no-resume", dest="resume", action="store_false", help="run-one: start fresh")
     args = parser.parse_args(argv)
     try:
+        if args.step == "run-one":
+            if args.config is None or args.out is None:
+                raise ValueError("run-one needs --config and --out")
+            return run_one(args.config, args.out, resume=args.resume)
         params = load_params(args.params)
         if args.step == "data":
             return step_data(params)

@@ -8,16 +8,20 @@ the same seeds outside the study, so the report can compare the best point with 
 Robustness, all on Optuna's own facilities plus two kinds of flock(2) files under the study directory:
 
 - Storage: a journal file (``JournalStorage`` + ``JournalFileBackend``) by default, or an RDB URL with Optuna's
-  heartbeat for workers on several machines. The study name hashes the settings that define the objective, so
-  changing them starts a new study instead of mixing results.
+  heartbeat for workers on several machines (credentials only from the environment: ``${VAR}`` placeholders or
+  libpq's PGPASSWORD; the URL is redacted wherever it is written). The study name hashes the settings that
+  define the objective and the digests of its inputs (code, data, weights; ``engine/identity.py``), so changing
+  any of them starts a new study instead of mixing results.
 - Each trial trains in ``trials/trial_<n>/seed_<s>`` (a normal run directory: ``.partial`` until it finishes).
   A worker holds ``locks/trial_<n>.lock`` while its trial runs; the kernel drops the lock when the worker dies
   (even by SIGKILL), so a RUNNING trial whose lock is free was interrupted. Such trials become FAIL and are
   retried (``RetryHeartbeatStaleTrialCallback``, same parameters, intermediate values inherited); the retry
   reuses the original trial's run directories, so it resumes from the last checkpoint.
-- Exact totals with parallel workers: ``MaxTrialsCallback`` counts COMPLETE, PRUNED and RUNNING trials, and the
-  decision "start one more" plus the ``ask`` that follows happen under one lock (``.turnstile.lock``), so two
-  workers cannot both take the last slot.
+- Exact totals with parallel workers: a new trial starts only while COMPLETE + PRUNED + RUNNING < n_trials, and
+  the decision "start one more" plus the ``ask`` that follows happen under one lock (``.turnstile.lock``; on
+  PostgreSQL an advisory lock, shared by workers on all machines), so two workers cannot both take the last
+  slot. A worker whose remaining slots are all RUNNING elsewhere waits until they finish or go stale (and are
+  retried) instead of stopping short.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 from .engine.config import EXECUTION_KEYS, Config, config_hash, load_config
+from .engine.identity import code_digest, identity_of, input_digests, run_identity
 from .engine.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -63,11 +68,12 @@ REFERENCE_POINTS: dict[str, dict[str, Any]] = {
     "paper_default": {GAMMA: 0.0, RATIO: 0.25, "with_cffn": True},
     "no_cffn": {GAMMA: 0.0, RATIO: 0.25, "with_cffn": False},
 }
-# Trials that count towards n_trials; RUNNING ones too, so parallel workers never start more than the total.
-COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 # Test-only: "TRIAL:ITERATION" makes the worker SIGKILL itself after that iteration of that trial (first seed).
 KILL_ENV = "VIT_ADAPTER_SWEEP_KILL_AT"
 FAILURE_ATTR = "failure"  # user attr of a trial that failed for a reason a retry would repeat (divergence)
+# Where a shared storage URL (with its password) should come from: `storage: ${VIT_ADAPTER_SWEEP_STORAGE}`.
+STORAGE_ENV = "VIT_ADAPTER_SWEEP_STORAGE"
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SEARCHED_KEYS = ("model.gamma_init", "model.cffn_ratio", "model.with_cffn", "train.seed")
 
 
@@ -112,6 +118,7 @@ class SweepSettings:
     max_retry: int = 2  # retries of an interrupted trial
     max_failed: int | None = None  # stop after this many diverged trials; None = n_trials
     heartbeat_s: int = 60  # RDB storage only (the journal uses flock liveness instead)
+    heartbeat_grace_s: int | None = None  # RDB: a RUNNING trial this long without a heartbeat is stale; None = 4x
     references: bool = True
     keep_checkpoints: bool = False  # finished trial runs need only their metrics
     plots: bool = True  # PNGs of the study (seconds of matplotlib per call)
@@ -135,6 +142,18 @@ class SweepSettings:
         need(self.pruner in ("median", "hyperband", "threshold", "none"), f"pruner = {self.pruner!r} is unknown")
         need(self.pruner != "threshold" or self.prune_below is not None, "pruner 'threshold' needs prune_below")
         need(self.max_retry >= 0 and self.heartbeat_s >= 1, "max_retry must be >= 0 and heartbeat_s >= 1")
+        need(
+            self.heartbeat_grace_s is None or self.heartbeat_grace_s > self.heartbeat_s,
+            f"heartbeat_grace_s = {self.heartbeat_grace_s} must exceed heartbeat_s = {self.heartbeat_s}",
+        )
+        if self.storage is not None:
+            password = _url_password(self.storage)
+            # A literal password would end up in params.yaml, shell history and `ps`; the environment holds it.
+            need(
+                password is None or _PLACEHOLDER.fullmatch(password) is not None,
+                f"storage: the URL {redact(self.storage)} holds a literal password; write ${{VAR}} in its place "
+                f"(or the whole URL as ${{{STORAGE_ENV}}}, or use PGPASSWORD) and set it in the environment",
+            )
         for item in self.sets:
             key = item.split("=", 1)[0].strip()
             need(key not in _SEARCHED_KEYS, f"sets: {key} is set by the sweep itself (searched values, seeds)")
@@ -185,11 +204,22 @@ class Plan:
     eval_interval: int
     study_name: str
     study_dir: Path
-    objective_key: dict[str, Any]  # what the study name hashes
+    objective_key: dict[str, Any]  # what the study name hashes, input digests included
+    inputs: dict[str, Any]  # input_digests(scope="sweep"): code (sweep driver included), data, weights
+    identity: str  # identity_of(objective digest, inputs); the study name carries its first 10 hex digits
 
     @property
     def journal_path(self) -> Path:
         return self.study_dir / "journal.log"
+
+    @property
+    def run_inputs(self) -> dict[str, Any]:
+        """The input digests of one training run: the study's data and weights (no trial changes those), the
+        code of the run scope (what the DVC train stages hash too)."""
+        return {**self.inputs, "code": code_digest("run")}
+
+    def run_identity(self, cfg: Config) -> str:
+        return run_identity(cfg, self.run_inputs)[0]
 
     @property
     def uses_journal(self) -> bool:
@@ -246,19 +276,23 @@ def plan_sweep(s: SweepSettings) -> Plan:
     metric = s.metric or METRIC_FOR_TASK[task]
     # What defines the objective: the run config minus execution details and the per-trial values.
     exclude = (*EXECUTION_KEYS, "train.seed", "model.gamma_init", "model.cffn_ratio", "model.with_cffn")
-    key = {
+    key: dict[str, Any] = {
         "config_hash": config_hash(probe, exclude=exclude),
         "metric": metric,
         "seeds": list(s.seeds),
         "space": {GAMMA: [1e-6, 1.0, "log"], RATIO: [1 / 16, 1.0, "uniform"]},
         "version": SPACE_VERSION,
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    name = s.study_name or f"gamma-cffn-{task}-{metric}-{digest}"
+    # Content, not paths: re-pretrained weights or regenerated data at the same path, or edited code, make every
+    # trial stale, in the journal and in a shared database alike. The searched keys change neither input.
+    inputs = input_digests(probe, scope="sweep")
+    identity = identity_of(hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(), inputs)
+    key["inputs"] = inputs
+    name = s.study_name or f"gamma-cffn-{task}-{metric}-{identity[:10]}"
     if not name or "/" in name or name.startswith("."):
         raise SweepError(f"study_name {name!r} must be a plain directory name")
     ev = probe.train.eval_interval or probe.train.max_iters
-    return Plan(s, base, task, metric, probe.train.max_iters, ev, name, Path(s.out_dir) / name, key)
+    return Plan(s, base, task, metric, probe.train.max_iters, ev, name, Path(s.out_dir) / name, key, inputs, identity)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,6 +331,89 @@ class FileLock:
             os.close(self._fd)
             self._fd = None
 
+    def close(self) -> None:
+        self.release()
+
+
+class AdvisoryLock:
+    """A PostgreSQL session-level advisory lock: the turnstile of workers on several machines (a flock is
+    machine-local). The server drops it when the holder's connection ends, so a worker that dies (even by
+    SIGKILL: the kernel closes its socket) cannot leave it held; TCP keepalives cover a machine that vanishes."""
+
+    def __init__(self, url: str, name: str) -> None:
+        import sqlalchemy
+
+        self.key = int.from_bytes(hashlib.sha256(f"vit-adapter-sweep:{name}".encode()).digest()[:8], "big", signed=True)
+        keepalive = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+        # AUTOCOMMIT: the lock is the session's, so this connection never sits "idle in transaction".
+        self._engine = sqlalchemy.create_engine(
+            url, poolclass=sqlalchemy.pool.NullPool, isolation_level="AUTOCOMMIT", connect_args=keepalive
+        )
+        self._conn: Any = None
+        self._held = False
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def acquire(self, blocking: bool = True) -> bool:
+        from sqlalchemy import text
+
+        if self._held:
+            return True
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        if blocking:
+            self._conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+            self._held = True
+        else:
+            self._held = bool(self._conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar())
+        return self._held
+
+    def release(self) -> None:
+        from sqlalchemy import text
+
+        if self._held:
+            self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            self._held = False
+
+    def close(self) -> None:
+        self.release()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._engine.dispose()
+
+
+def _url_password(url: str) -> str | None:
+    """The password part of a URL's user info (placeholders not expanded), or None."""
+    if "://" not in url:
+        return None
+    head = re.split(r"[?#]", url.split("://", 1)[1], maxsplit=1)[0]
+    if "@" not in head:
+        return None
+    userinfo = head.rsplit("@", 1)[0]  # the last "@": a raw "@" or "/" in the password does not hide it
+    return userinfo.split(":", 1)[1] or None if ":" in userinfo else None
+
+
+def storage_url(settings: SweepSettings) -> str:
+    """The RDB URL to connect to: `storage` with its ${VAR} placeholders filled from the environment. Only
+    open_storage and the turnstile see the result; everything recorded or printed keeps the placeholders."""
+    if settings.storage is None:
+        raise SweepError("storage_url: the sweep uses a journal file, not an RDB")
+
+    def fill(m: re.Match[str]) -> str:
+        value = os.environ.get(m.group(1))
+        if value is None:
+            raise SweepError(f"storage: environment variable {m.group(1)} is not set (used in {settings.storage})")
+        return value
+
+    return _PLACEHOLDER.sub(fill, settings.storage)
+
+
+def _is_postgres(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
 
 def open_storage(plan: Plan, *, create: bool = True) -> optuna.storages.BaseStorage:
     s = plan.settings
@@ -307,16 +424,43 @@ def open_storage(plan: Plan, *, create: bool = True) -> optuna.storages.BaseStor
             raise SweepError(f"no sweep at {plan.journal_path}; run it first (same settings)")
         plan.study_dir.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(plan.journal_path)))
+    url = storage_url(s)
     # Several machines: liveness by heartbeat (a flock is machine-local); stale trials are retried by Optuna.
-    with warnings.catch_warnings():  # the heartbeat and its retry callback are "experimental" since Optuna 2.8
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(s.max_retry, inherit_intermediate_values=True)
-        return optuna.storages.RDBStorage(
-            s.storage,
-            heartbeat_interval=s.heartbeat_s,
-            grace_period=4 * s.heartbeat_s,
-            heartbeat_stale_trial_callback=retry,
-        )
+    schema_lock: AdvisoryLock | None = None
+    try:
+        if _is_postgres(url):
+            # RDBStorage creates Optuna's tables on first use; workers starting together on a fresh database
+            # would race on that DDL (duplicate key in pg_type), so they take turns.
+            schema_lock = AdvisoryLock(url, "schema")
+            schema_lock.acquire()
+        with warnings.catch_warnings():  # the heartbeat and its retry callback are "experimental" since Optuna 2.8
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(s.max_retry, inherit_intermediate_values=True)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=s.heartbeat_s,
+                grace_period=s.heartbeat_grace_s or 4 * s.heartbeat_s,
+                heartbeat_stale_trial_callback=retry,
+            )
+    except SweepError:
+        raise
+    except Exception as err:  # noqa: BLE001 - driver errors have many types; one line, never the password
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first.replace(url, s.storage or "")
+        secret = _url_password(url)
+        if secret:
+            first = first.replace(secret, "***")
+        raise SweepError(f"cannot open storage {redact(s.storage)}: {redact(first)}") from None
+    finally:
+        if schema_lock is not None:
+            schema_lock.close()
+
+
+def open_turnstile(plan: Plan) -> FileLock | AdvisoryLock:
+    """The lock under which a worker decides to start a trial and asks for it (see ExactTrialBudget)."""
+    if not plan.uses_journal and _is_postgres(storage_url(plan.settings)):
+        return AdvisoryLock(storage_url(plan.settings), plan.study_name)
+    return FileLock(plan.study_dir / ".turnstile.lock")  # journal, or an RDB without advisory locks (sqlite)
 
 
 def make_pruner(plan: Plan) -> optuna.pruners.BasePruner:
@@ -425,17 +569,40 @@ def _discard_partial(run: Path) -> None:
     shutil.rmtree(run.with_name(run.name + ".partial"), ignore_errors=True)
 
 
+def _identity_marker(run: Path) -> Path:
+    return run.with_name(run.name + ".identity")
+
+
+def _forget_if_stale(run: Path, identity: str) -> None:
+    """Discard `run` (finished or partial) unless it was trained for `identity` (config + input digests); then
+    record `identity` for it. The marker sits beside the run directory, so it exists before training starts and
+    a run whose marker is missing or different is never reused."""
+    marker = _identity_marker(run)
+    found = marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+    if found == identity:
+        return
+    if run.exists() or run.with_name(run.name + ".partial").exists():
+        log.warning("%s was trained for other inputs (identity %s, now %s); training it again", run, found, identity)
+        shutil.rmtree(run, ignore_errors=True)
+        _discard_partial(run)
+    atomic_write_text(marker, identity + "\n")
+
+
 def train_or_load(
     cfg: Config,
     run: Path,
     *,
+    identity: str | None = None,
     after_eval: Callable[[int, dict[str, Any]], None] | None = None,
     after_iteration: Callable[[int], None] | None = None,
     keep_checkpoints: bool = False,
 ) -> dict[str, Any]:
-    """metrics.json of a finished run (cached), else train: resuming `<run>.partial` when it exists."""
+    """metrics.json of a finished run (cached), else train: resuming `<run>.partial` when it exists. With
+    `identity` (Plan.run_identity), a run trained for another identity is discarded first, never reused."""
     from .engine.trainer import Hooks, train
 
+    if identity is not None:
+        _forget_if_stale(run, identity)
     if _finished(run):
         result = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
         if after_eval is not None:  # replay the evaluations, so a retried trial reports the same steps
@@ -468,17 +635,24 @@ def run_reference(plan: Plan, name: str, seed: int, *, blocking: bool) -> dict[s
     """Train (or load) one reference point for one seed. With blocking=False, skip it when another worker
     holds it. Returns its metrics, or None when skipped."""
     run = plan.reference_dir(name) / f"seed_{seed}"
-    if _finished(run):
+    cfg = plan.config(seed, REFERENCE_POINTS[name])
+    identity = plan.run_identity(cfg)
+    if _finished_as(run, identity):
         return json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    lock = FileLock(run.with_name(run.name + ".lock"))
+    lock = FileLock(plan.study_dir / "locks" / f"reference_{name}_seed{seed}.lock")
     if not lock.acquire(blocking=blocking):
         return None
     try:
         log.info("reference %s, seed %d", name, seed)
-        cfg = plan.config(seed, REFERENCE_POINTS[name])
-        return train_or_load(cfg, run, keep_checkpoints=plan.settings.keep_checkpoints)
+        return train_or_load(cfg, run, identity=identity, keep_checkpoints=plan.settings.keep_checkpoints)
     finally:
         lock.release()
+
+
+def _finished_as(run: Path, identity: str) -> bool:
+    """A finished run trained for `identity` (a stale one does not count)."""
+    marker = _identity_marker(run)
+    return _finished(run) and marker.is_file() and marker.read_text(encoding="utf-8").strip() == identity
 
 
 def collect_references(plan: Plan, *, run_missing: bool) -> dict[str, Any]:
@@ -490,7 +664,7 @@ def collect_references(plan: Plan, *, run_missing: bool) -> dict[str, Any]:
         for seed in plan.settings.seeds:
             result = run_reference(plan, name, seed, blocking=True) if run_missing else None
             run = plan.reference_dir(name) / f"seed_{seed}"
-            if result is None and _finished(run):
+            if result is None and _finished_as(run, plan.run_identity(plan.config(seed, point))):
                 result = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
             if result is None:
                 per_seed[str(seed)] = None
@@ -519,7 +693,7 @@ class WorkerLocks:
     storage and holds its trial lock. The trial lock is held from then until Optuna has stored the trial's
     final state (released in the callback, which runs after `tell`), so no one sees it RUNNING and unlocked."""
 
-    turnstile: FileLock
+    turnstile: FileLock | AdvisoryLock
     trial: FileLock | None = None
 
     def release_all(self) -> None:
@@ -529,23 +703,66 @@ class WorkerLocks:
         self.turnstile.release()
 
 
-class ExactTrialBudget(optuna.study.MaxTrialsCallback):
-    """MaxTrialsCallback over COMPLETE + PRUNED + RUNNING, checked under the turnstile, so trials running in
-    other workers count and two workers cannot both take the last slot."""
+class ExactTrialBudget:
+    """After each trial, under the turnstile: stop, or let the next `ask` happen (see _may_start_trial), so
+    trials running in other workers count and two workers cannot both take the last slot."""
 
-    def __init__(self, plan: Plan, storage: optuna.storages.BaseStorage, locks: WorkerLocks, worker: int) -> None:
-        super().__init__(plan.settings.n_trials, states=COUNTED_STATES)
-        self.plan, self.storage, self.locks, self.worker = plan, storage, locks, worker
+    def __init__(
+        self,
+        plan: Plan,
+        storage: optuna.storages.BaseStorage,
+        locks: WorkerLocks,
+        worker: int,
+        deadline: float | None,
+    ) -> None:
+        self.plan, self.storage, self.locks, self.worker, self.deadline = plan, storage, locks, worker, deadline
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if self.locks.trial is not None:  # the finished trial's state is stored now
             self.locks.trial.release()
             self.locks.trial = None
         self.locks.turnstile.acquire()  # held until the next trial is locked, or until the worker stops
-        recover(self.plan, study, self.storage)  # a sibling may have died; its trial must not count as running
-        super().__call__(study, trial)
-        if _too_many_failures(self.plan, study, self.worker):
+        if not _may_start_trial(self.plan, study, self.storage, self.locks, self.worker, self.deadline):
             study.stop()
+
+
+def _may_start_trial(
+    plan: Plan,
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    locks: WorkerLocks,
+    worker: int,
+    deadline: float | None,
+) -> bool:
+    """Called with the turnstile held; returns with it held. True: the study has a free slot (COMPLETE + PRUNED +
+    RUNNING < n_trials, a queued retry included), ask for it now. False: stop (done, too many diverged trials, or
+    the time budget is spent). When every free slot is taken by a trial RUNNING elsewhere, wait: that trial may
+    still fail or die (its worker's lock frees, or its heartbeat goes stale, and it is retried), and stopping
+    then would leave the study one trial short."""
+    s = plan.settings
+    poll = min(float(s.heartbeat_s), 2.0 if plan.uses_journal else 10.0)
+    waited = False
+    while True:
+        recover(plan, study, storage)  # a sibling may have died; its trial must not count as running
+        if _too_many_failures(plan, study, worker):
+            return False
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if finished >= s.n_trials:
+            log.info("worker %d: the study holds its %d trials", worker, s.n_trials)
+            return False
+        if deadline is not None and time.time() >= deadline:
+            log.info("worker %d: the sweep's time budget is spent", worker)
+            return False
+        if finished + running < s.n_trials:
+            return True
+        if not waited:
+            log.info("worker %d: waiting for %d trial(s) running elsewhere", worker, running)
+            waited = True
+        locks.turnstile.release()  # the others need it to finish (their callbacks) and to recover
+        time.sleep(poll)
+        locks.turnstile.acquire()
 
 
 def _too_many_failures(plan: Plan, study: optuna.Study, worker: int) -> bool:
@@ -559,13 +776,6 @@ def _too_many_failures(plan: Plan, study: optuna.Study, worker: int) -> bool:
         )
         return True
     return False
-
-
-def _should_stop(plan: Plan, study: optuna.Study, worker: int) -> bool:
-    if len(study.get_trials(deepcopy=False, states=COUNTED_STATES)) >= plan.settings.n_trials:
-        log.info("worker %d: the study holds its %d trials", worker, plan.settings.n_trials)
-        return True
-    return _too_many_failures(plan, study, worker)
 
 
 def _objective(plan: Plan, locks: WorkerLocks) -> Callable[[optuna.Trial], float]:
@@ -608,6 +818,7 @@ def _objective(plan: Plan, locks: WorkerLocks) -> Callable[[optuna.Trial], float
                 result = train_or_load(
                     cfg,
                     run,
+                    identity=plan.run_identity(cfg),
                     after_eval=after_eval,
                     after_iteration=after_iteration,
                     keep_checkpoints=s.keep_checkpoints,
@@ -644,7 +855,7 @@ def run_worker(settings: SweepSettings, worker: int = 0, deadline: float | None 
                 for seed in settings.seeds:
                     run_reference(plan, name, seed, blocking=False)
         storage = open_storage(plan)
-        locks = WorkerLocks(FileLock(plan.study_dir / ".turnstile.lock"))
+        locks = WorkerLocks(open_turnstile(plan))
         locks.turnstile.acquire()
         try:
             # Counted under the turnstile: workers started at the same moment (or the same CLI launched twice)
@@ -657,22 +868,18 @@ def run_worker(settings: SweepSettings, worker: int = 0, deadline: float | None 
                 sampler=make_sampler(plan, worker, n_existing),
                 pruner=make_pruner(plan),
             )
-            recover(plan, study, storage)
-            if _should_stop(plan, study, worker):
-                return
-            timeout = None if deadline is None else deadline - time.time()
-            if timeout is not None and timeout <= 0:
-                log.info("worker %d: the sweep's time budget is spent", worker)
+            if not _may_start_trial(plan, study, storage, locks, worker, deadline):
                 return
             study.optimize(
                 _objective(plan, locks),
-                timeout=timeout,
+                timeout=None if deadline is None else max(0.0, deadline - time.time()),
                 catch=(TrialFailed,),
-                callbacks=[ExactTrialBudget(plan, storage, locks, worker)],
+                callbacks=[ExactTrialBudget(plan, storage, locks, worker, deadline)],
                 gc_after_trial=True,
             )
         finally:
             locks.release_all()
+            locks.turnstile.close()
     finally:
         _set_threads(threads_before)
 
@@ -717,15 +924,16 @@ def run_sweep(settings: SweepSettings) -> dict[str, Any]:
     if settings.n_workers == 1:
         run_worker(settings, 0, deadline)
     else:
-        _run_parallel(settings, deadline)
+        _run_parallel(plan, deadline)
     if settings.references:
         atomic_write_json(plan.study_dir / "reference_points.json", _references_doc(plan, run_missing=True))
     return write_outputs(settings, wall_s=time.time() - t0)
 
 
-def _run_parallel(settings: SweepSettings, deadline: float | None) -> None:
+def _run_parallel(plan: Plan, deadline: float | None) -> None:
     import multiprocessing as mp
 
+    settings = plan.settings
     ctx = mp.get_context("spawn")  # a clean interpreter per worker: no forked torch/OpenMP state
     barrier = ctx.Barrier(settings.n_workers)
     procs = [
@@ -742,13 +950,29 @@ def _run_parallel(settings: SweepSettings, deadline: float | None) -> None:
             p.join()
         raise
     bad = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
-    if bad:
-        raise SweepError(f"worker(s) failed: {bad}; completed trials are kept, rerun to resume")
+    if not bad:
+        return
+    # A worker killed by a signal (OOM killer, kill -9) whose trial the others retried to the full budget cost
+    # nothing but time; a worker that raised (a bug, a broken storage) is an error even then.
+    killed = all(code is not None and code < 0 for _, code in bad)
+    study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan, create=False))
+    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    if killed and finished >= settings.n_trials:
+        log.warning("worker(s) killed: %s; the others finished the study (their trials were retried)", bad)
+        return
+    raise SweepError(f"worker(s) failed: {bad}; completed trials are kept, rerun to resume")
 
 
 def redact(url: str | None) -> str | None:
-    """A storage URL without its password, for files that may be shared (settings.json, summary.json)."""
-    return None if url is None else re.sub(r"(//[^/:@]+):[^@/]*@", r"\1:***@", url)
+    """A storage URL (or a message quoting one) without its password, for everything printed or written. A
+    ${VAR} placeholder is kept: it names where the password comes from, and is no secret."""
+    if url is None:
+        return None
+
+    def hide(m: re.Match[str]) -> str:
+        return m.group(0) if _PLACEHOLDER.fullmatch(m.group(2)) else f"{m.group(1)}:***@"
+
+    return re.sub(r"(://[^/:@\s]+):(\S*)@", hide, url)  # greedy: up to the last "@", as a URL parser reads it
 
 
 def _plan_info(plan: Plan) -> dict[str, Any]:
@@ -760,6 +984,8 @@ def _plan_info(plan: Plan) -> dict[str, Any]:
         "task": plan.task,
         "max_iters": plan.max_iters,
         "objective": plan.objective_key,
+        "inputs": plan.inputs,  # also inside "objective"; here for readers who look for the digests
+        "identity": plan.identity,
         "base_sets": list(plan.base_sets),
     }
 
@@ -855,6 +1081,51 @@ def write_outputs(settings: SweepSettings, wall_s: float | None = None) -> dict[
     return summary
 
 
+def export_study(settings: SweepSettings) -> dict[str, Any]:
+    """Copy a finished study out of its RDB storage into the journal file `<out_dir>/<study>/journal.log`, the
+    storage a sweep with `storage: null` (the DVC stage) reads, then write the outputs from that journal; returns
+    summary.json's content. The study name is the same on both sides (the storage is not part of it), so a later
+    `vit-adapter sweep --params params.yaml` finds the study done and only reports it."""
+    from optuna.storages.journal import JournalFileBackend
+
+    if settings.storage is None:
+        raise SweepError("export copies a study out of an RDB storage; set --storage (or sweep.storage)")
+    plan = plan_sweep(settings)
+    source = open_storage(plan, create=False)
+    try:
+        study = optuna.load_study(study_name=plan.study_name, storage=source)
+    except KeyError as err:
+        raise SweepError(f"no study {plan.study_name!r} in {redact(settings.storage)}; run the sweep first") from err
+    trials = study.get_trials(deepcopy=False)
+    unfinished = [t.number for t in trials if not t.state.is_finished()]
+    if unfinished:  # copied as RUNNING, they would look interrupted to the journal's liveness check
+        raise SweepError(
+            f"study {plan.study_name!r} has unfinished trials {unfinished} (running or queued); "
+            "export it when its workers are done"
+        )
+    local = dataclasses.replace(settings, storage=None)
+    target = plan_sweep(local)
+    # Written beside the journal, then moved into place: no reader sees half a study, and an earlier export (or
+    # a local run) of the same study is replaced, not merged into.
+    tmp = target.journal_path.with_name(".journal.log.export")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.unlink(missing_ok=True)
+    journal = optuna.storages.JournalStorage(JournalFileBackend(str(tmp)))
+    copy = optuna.create_study(storage=journal, study_name=plan.study_name, directions=study.directions)
+    source_id, copy_id = source.get_study_id_from_name(plan.study_name), journal.get_study_id_from_name(plan.study_name)
+    for key, value in source.get_study_user_attrs(source_id).items():
+        copy.set_user_attr(key, value)
+    for key, value in source.get_study_system_attrs(source_id).items():  # metric names among them
+        journal.set_study_system_attr(copy_id, key, value)
+    copy.add_trials(trials)  # in order, so trial numbers (and retries' `failed_trial`) are kept
+    del journal, copy
+    os.replace(tmp, target.journal_path)
+    recorded = dataclasses.asdict(local) | {"exported_from": redact(settings.storage)}
+    atomic_write_json(target.study_dir / "settings.json", {"settings": recorded, **_plan_info(target)})
+    log.info("exported %d trials of %s to %s", len(trials), plan.study_name, target.journal_path)
+    return write_outputs(local)
+
+
 def _importances(study: optuna.Study) -> dict[str, float] | None:
     try:
         with warnings.catch_warnings():
@@ -932,7 +1203,14 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--prune-below", type=float, default=None, help="threshold pruner's lower bound")
     a("--no-references", dest="references", action="store_false", default=None, help="skip the reference points")
     a("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
+    a("--heartbeat-s", type=int, default=None, help="RDB heartbeat interval, seconds (default 60)")
+    a("--heartbeat-grace-s", type=int, default=None, help="RDB: a trial this long without heartbeat is retried")
     a("--report-only", action="store_true", help="only (re)write the outputs from the storage")
+    a(
+        "--export",
+        action="store_true",
+        help="copy the finished study from --storage into <out-dir>/<study>/journal.log and report from it",
+    )
     return parser
 
 
@@ -961,8 +1239,14 @@ def run_sweep_from_args(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = settings_from_args(args)
+    report_only, export = getattr(args, "report_only", False), getattr(args, "export", False)
+    if report_only and export:
+        raise SweepError("--report-only and --export exclude each other (--export writes the outputs too)")
     try:
-        summary = write_outputs(settings) if args.report_only else run_sweep(settings)
+        if export:
+            summary = export_study(settings)
+        else:
+            summary = write_outputs(settings) if report_only else run_sweep(settings)
     except (StopTraining, KeyboardInterrupt):
         print("sweep interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -28,7 +28,10 @@ def step_gradients(cfg, images, targets, ddp: bool) -> dict[str, torch.Tensor]:
     model = build_model(cfg).eval()
     net = LossModule(model)
     if ddp:
-        net = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+        # As the trainer: the unused-parameter search only where the variant needs it.
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, find_unused_parameters=model.backbone_module.has_unused_parameters
+        )
     net(images, targets)["loss"].backward()
     return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 

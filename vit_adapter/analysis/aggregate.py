@@ -46,9 +46,10 @@ VARIANT_ORDER = (
     "baseline_scratch",
     "full_scratch",
 )
-# The structural switches recorded per run (ablation_variants.md): checked against the overlays when asked.
+# The structural switches recorded per run (reference §7): checked against the overlays when asked.
 MODEL_FLAGS = ("use_spm", "injector", "use_extractor", "extra_extractors", "output_neck", "attention", "n_interactions")
 DEFAULT_METRIC = {"seg": "mIoU", "det": "bbox_mAP"}
+INPUT_KEYS = ("code", "data", "weights")  # the input digests run.json records (engine/identity.py)
 DEFAULT_ABLATIONS = Path(__file__).resolve().parents[2] / "ablations"
 
 
@@ -141,8 +142,52 @@ def read_run(run: Path, *, overlays: dict[str, dict[str, Any]] | None = None) ->
         raise bad(f"non-numeric value in metrics.json/costs.json ({err})") from err
     rec["threads"] = costs.get("threads")
     rec["device"] = costs.get("device")
+    rec["weights_init"] = (cfg.get("weights") or {}).get("init")
+    inputs = _run_inputs(run)
+    for key in INPUT_KEYS:
+        rec[f"{key}_digest"] = inputs.get(key) if inputs is not None else None
+    rec["_inputs_recorded"] = inputs is not None
     rec["_metrics"] = sorted(final)
     return rec
+
+
+def _run_inputs(run: Path) -> dict[str, Any] | None:
+    """The input digests ``run.json`` recorded (engine/identity.py), or None for a run that recorded none."""
+    path = run / "run.json"
+    if not path.is_file():
+        return None
+    meta = _read_json(path, run)
+    inputs = meta.get("inputs") if isinstance(meta, dict) else None
+    return inputs if isinstance(inputs, dict) else None
+
+
+def check_shared_inputs(df: pd.DataFrame) -> dict[str, str | None]:
+    """The input digests every run of one table shares; ValueError naming the runs when they differ.
+
+    Runs differ only in their ablation's settings and seed: code and data digests must be equal across all runs,
+    the weights digest across all runs that load pretrained weights (a random-init run, e.g. baseline_scratch,
+    reads none). A run that recorded no digests (written before identities existed) cannot join recorded ones.
+    """
+    recorded = df["_inputs_recorded"].astype(bool)
+    if recorded.any() and not recorded.all():
+        raise ValueError(
+            "runs without recorded input digests (written before content identities) cannot share a table with "
+            f"recorded ones: {', '.join(df.loc[~recorded, 'run'])}; retrain them"
+        )
+    shared: dict[str, str | None] = {}
+    if not recorded.any():
+        return shared
+    for key in INPUT_KEYS:
+        col = f"{key}_digest"
+        rows = df[df["weights_init"] == "pretrained"] if key == "weights" else df
+        values = rows[col].dropna().unique() if key == "weights" else rows[col].unique()
+        if len(values) > 1:
+            groups = "; ".join(f"{str(v)[:12]}: {', '.join(rows.loc[rows[col] == v, 'run'])}" for v in values)
+            raise ValueError(
+                f"runs read different {key} (digests differ), refusing to tabulate them together: {groups}"
+            )
+        shared[key] = str(values[0]) if len(values) else None
+    return shared
 
 
 def load_overlays(ablations_dir: Path) -> dict[str, dict[str, Any]]:
@@ -190,8 +235,33 @@ def collect_runs(runs_dir: str | Path, *, ablations_dir: str | Path | None = Non
     dup = df[df.duplicated(["variant", "seed"], keep=False)]
     if len(dup):
         raise ValueError(f"duplicate (variant, seed) runs in {root}: {sorted(dup['run'])}")
-    df.attrs.update(metrics=metric_names, task=tasks[0], skipped=skipped)
+    inputs = check_shared_inputs(df)
+    df = df.drop(columns=["_inputs_recorded"])
+    df.attrs.update(metrics=metric_names, task=tasks[0], skipped=skipped, inputs=inputs)
     return df
+
+
+def metrics_document(summary: pd.DataFrame, inputs: dict[str, str | None]) -> dict[str, Any]:
+    """``results/metrics.json`` (DVC metrics): per variant its mean, std and seed count of the primary metric and
+    the paired Δ against the reference with its CI; plus the input digests the runs share."""
+
+    def num(x: Any) -> float | int | None:
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return None
+        return round(float(x), 4) if isinstance(x, float) else int(x)
+
+    variants = {}
+    for row in summary.to_dict("records"):
+        variants[row["variant"]] = {
+            "mean": num(row["mean"]),
+            "std": num(row["std"]),
+            "n": num(row["n"]),
+            f"delta_vs_{REFERENCE}": num(row["delta"]),
+            "delta_lo": num(row["delta_lo"]),
+            "delta_hi": num(row["delta_hi"]),
+        }
+    metric = str(summary["metric"].iloc[0]) if len(summary) else None
+    return {"metric": metric, "variants": variants, "inputs": dict(inputs)}
 
 
 def default_metric(df: pd.DataFrame) -> str:
@@ -317,6 +387,9 @@ def run_aggregate(
     summary = summarise(df, metric, n_boot=n_boot)
     paper = tables.load_paper_numbers(paper_path)
     written = [write_csv(df, out_dir / "runs.csv"), write_csv(summary, out_dir / "summary.csv")]
+    from vit_adapter.engine.rundir import atomic_write_json
+
+    written.append(atomic_write_json(out_dir / "metrics.json", metrics_document(summary, df.attrs.get("inputs", {}))))
     written += tables.write_tables(df, summary, paper, out_dir, metric)
     written.append(write_csv(collect_stage_timings(runs_dir), out_dir / "stage_timings.csv"))
     attention_json = attention_json if attention_json is not None else out_dir / "attention_cost.json"

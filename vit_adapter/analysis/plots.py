@@ -337,6 +337,8 @@ def make_plots(
     inter = pd.read_csv(results_dir / "table6_interactions.csv")
     written.append(plot_metric_vs_n(inter, runs, paper, metric, out_dir / "metric_vs_n.png"))
     ours_n = inter[inter["n"] > 0][["N", "variant", f"{metric}_mean", f"{metric}_std", "n"]].sort_values("N")
+    # Generic column names, so that dvc.yaml's plot definitions hold for every task's metric.
+    ours_n = ours_n.rename(columns={f"{metric}_mean": "mean", f"{metric}_std": "std"}).assign(metric=metric)
     written.append(write_csv(ours_n, plots_dir / "metric_vs_n.csv"))
     written.append(write_csv(paper_curve(paper), plots_dir / "paper_metric_vs_n.csv"))
 

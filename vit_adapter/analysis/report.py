@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from vit_adapter.engine.rundir import REPO_ROOT, atomic_write_text
+from vit_adapter.engine.rundir import REPO_ROOT, atomic_write_json, atomic_write_text
 
 from .aggregate import paired_delta, variant_sort_key
 from .stats import BOOTSTRAP_MIN_N, DEFAULT_N_BOOT, Interval
@@ -417,6 +417,66 @@ def _section_environment(metas: dict[str, Any], dvc_lock: Path | None) -> list[s
     return lines + [""]
 
 
+def shared_inputs(runs: pd.DataFrame, pretrain_json: Path | None, sweep_dir: Path | None) -> dict[str, Any]:
+    """The input digests the runs share (runs.csv), checked against the weights file and the sweep.
+
+    ValueError (one line) when the runs' weights digest is not the sha256 of the weights file the report
+    describes, or when the sweep's study read other inputs: the report never pairs one file with another's numbers.
+    """
+    out: dict[str, Any] = {}
+    for key in ("code", "data", "weights"):
+        col = f"{key}_digest"
+        vals = runs[col].dropna().unique() if col in runs else []
+        if len(vals) > 1:
+            raise ValueError(f"runs.csv mixes {key} digests {sorted(map(str, vals))}; rerun aggregate")
+        out[key] = str(vals[0]) if len(vals) else None
+    if pretrain_json is not None and Path(pretrain_json).is_file() and out["weights"] is not None:
+        file_sha = _read_json(Path(pretrain_json)).get("output_sha256")
+        if file_sha is not None and file_sha != out["weights"]:
+            raise ValueError(
+                f"the runs loaded weights {out['weights'][:12]} but {pretrain_json} describes {file_sha[:12]}: "
+                "the runs are stale, rerun the pipeline"
+            )
+    summary = Path(sweep_dir) / "summary.json" if sweep_dir is not None else None
+    if summary is not None and summary.is_file():
+        sweep_inputs = (_read_json(summary).get("plan") or {}).get("inputs") or _read_json(summary).get("inputs")
+        if isinstance(sweep_inputs, dict):
+            out["sweep"] = {k: sweep_inputs.get(k) for k in ("code", "data", "weights")}
+            for key in ("data", "weights"):
+                if out[key] is not None and sweep_inputs.get(key) not in (None, out[key]):
+                    raise ValueError(
+                        f"the sweep's study read other {key} ({str(sweep_inputs.get(key))[:12]}) than the runs "
+                        f"({out[key][:12]}): rerun the sweep stage"
+                    )
+    return out
+
+
+def _section_inputs(inputs: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Inputs every number here was computed from",
+        "",
+        "Each run directory's `run.json` records these digests (`vit_adapter/engine/identity.py`); the aggregation "
+        "refuses to tabulate runs whose digests differ, and a run is reused only when its config and these digests "
+        "are unchanged.",
+        "",
+    ]
+    what = {
+        "code": "training code (sha256 over `vit_adapter/` sources outside analysis/, sweep, cli)",
+        "data": "dataset (sha256 over every file's bytes, `content:`; or annotation bytes + file sizes, `listing:`)",
+        "weights": "pretrained ViT weights file (sha256 of its bytes; random-init variants read none)",
+    }
+    rows = [{"input": k, "digest": f"`{_show(inputs.get(k))}`", "what": what[k]} for k in ("code", "data", "weights")]
+    lines += [pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
+    if "sweep" in inputs:
+        sw = inputs["sweep"]
+        lines.append(
+            f"The sweep's study read data `{_show(sw.get('data'))}` and weights `{_show(sw.get('weights'))}` "
+            f"(code `{_show(sw.get('code'))}`, which includes the sweep driver)."
+        )
+        lines.append("")
+    return lines
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b and not (math.isnan(a) or math.isnan(b)) else math.nan
 
@@ -723,8 +783,11 @@ def write_report(
     overhead_json: Path | None = None,
     dvc_lock: Path | None = None,
     n_boot: int = DEFAULT_N_BOOT,
+    findings_json: Path | None = None,
 ) -> Path:
-    """Write the report; returns its path. Raises FileNotFoundError if aggregate's outputs are missing."""
+    """Write the report (and, with `findings_json`, the verdict table as JSON); returns its path.
+
+    Raises FileNotFoundError if aggregate's outputs are missing."""
     results_dir, figures_dir, out_md = Path(results_dir), Path(figures_dir), Path(out_md)
     runs_dir = Path(runs_dir) if runs_dir is not None else results_dir / "runs"
     needed = ["runs.csv", "summary.csv"] + [f"{t.name}.csv" for t in TABLES]
@@ -758,6 +821,7 @@ def write_report(
     lines += _section_attention(results_dir, figures_dir, out_dir, results_dir / "attention_cost.json")
     lines += _section_method(runs, configs, metas, profile_info)
     lines += _section_timings(results_dir, pretrain_json, sweep_dir, timings)
+    lines += _section_inputs(shared_inputs(runs, pretrain_json, sweep_dir))
     lines += _section_environment(metas, dvc_lock)
     lines += _section_discussion(runs, summary, fr, paper, metric, n_boot)
     lines += _section_pretrain(pretrain_json, figures_dir, out_dir, results_dir)
@@ -765,7 +829,28 @@ def write_report(
     lines += _section_sweeps(sweep_dir, out_dir)
     lines += _section_regenerate()
     text = "\n".join(lines).rstrip("\n") + "\n"
+    if findings_json is not None:
+        atomic_write_json(findings_json, findings_document(fr, metric))
     return atomic_write_text(out_md, text)
+
+
+def findings_document(fr: pd.DataFrame, metric: str) -> dict[str, Any]:
+    """The verdict table as JSON (DVC metrics): per finding (a − b) the paper's ΔAPb, our Δ and CI, the verdict."""
+
+    def num(x: Any) -> float | int | None:
+        return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
+
+    doc: dict[str, Any] = {"metric": metric, "findings": {}}
+    for row in fr.to_dict("records"):
+        doc["findings"][f"{row['a']}-{row['b']}"] = {
+            "paper_dAPb": num(row["paper_dAPb"]),
+            "delta": num(row["delta"]),
+            "lo": num(row["lo"]),
+            "hi": num(row["hi"]),
+            "n_pairs": int(row["n_pairs"]),
+            "verdict": row["verdict"],
+        }
+    return doc
 
 
 def _load_mapping(path: Path | None, what: str) -> dict[str, Any]:
@@ -793,6 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pretrain-json", type=Path, default=None, help="pretraining sidecar JSON")
     p.add_argument("--overhead-json", type=Path, default=None, help="bench/overhead.py --json output")
     p.add_argument("--dvc-lock", type=Path, default=None, help="dvc.lock to fingerprint (default: repo root)")
+    p.add_argument("--findings-json", type=Path, default=None, help="also write the verdict table as JSON here")
     args = p.parse_args(argv)
     try:
         profile_info = _load_mapping(args.profile_info, "profile info")
@@ -809,6 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pretrain_json=args.pretrain_json,
             overhead_json=args.overhead_json,
             dvc_lock=args.dvc_lock,
+            findings_json=args.findings_json,
         )
     except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)

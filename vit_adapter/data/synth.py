@@ -477,25 +477,57 @@ def generate_dataset(
     ``scene`` holds SceneConfig overrides (objects_per_image, scale_range, camouflage_prob, clutter, ...).
     The directory is built in a temporary sibling and renamed into place, so ``root`` is never half-written.
     If ``root`` already holds a dataset made with identical parameters it is reused (its manifest returned);
-    different parameters raise DataError unless ``overwrite``. ``workers`` > 1 renders in forked processes;
-    the bytes written do not depend on it.
+    different parameters raise DataError unless ``overwrite``. Anything at ``root`` that this generator did not
+    write (no manifest.json of ours) is never replaced. One writer at a time (a lock beside ``root``); temp
+    directories a killed earlier run left beside ``root`` are removed. ``workers`` > 1 renders in forked
+    processes; the bytes written do not depend on it.
     """
     if n_train < 0 or n_val < 0 or int(seed) < 0:
         raise ValueError(f"n_train, n_val and seed must be non-negative, got {n_train}, {n_val}, {seed}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     cfg = SceneConfig.from_difficulty(difficulty, image_size=image_size, **scene)
     params = _params(cfg, seed, n_train, n_val)
     params["difficulty"] = float(difficulty)
     root = Path(root)
-    if root.exists() and not overwrite:
-        man_path = root / "manifest.json"
-        if man_path.is_file():
-            existing = load_json(man_path)
-            if isinstance(existing, dict) and existing.get("params") == params:
-                return existing
-        if not (root.is_dir() and not any(root.iterdir())):  # an empty directory may be filled
-            raise DataError(
-                f"{root} exists and was not generated with these parameters; pass overwrite=True to replace it"
-            )
+    from ..engine.rundir import DirLock  # local: engine imports data
+
+    lock = DirLock(root, f"dataset directory {root}").acquire()
+    try:
+        return _generate_locked(root, cfg, params, seed, n_train, n_val, overwrite, fmnist_dir, workers)
+    finally:
+        lock.release()
+
+
+def _generate_locked(
+    root: Path,
+    cfg: SceneConfig,
+    params: dict[str, Any],
+    seed: int,
+    n_train: int,
+    n_val: int,
+    overwrite: bool,
+    fmnist_dir: str | os.PathLike[str] | None,
+    workers: int,
+) -> dict[str, Any]:
+    for stale in root.parent.glob(f".{root.name}.tmp-*"):  # a killed run's leftovers (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.parent.glob(f".{root.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if os.path.lexists(root):
+        existing = _our_manifest(root)
+        if existing is None:
+            if root.is_dir() and not root.is_symlink() and not any(root.iterdir()):
+                pass  # an empty directory may be filled
+            else:
+                raise DataError(
+                    f"{root} exists and is not a dataset vit-adapter generated (no manifest.json of "
+                    f"{GENERATOR}); refusing to replace it: pick another output directory"
+                )
+        elif existing.get("params") == params:
+            return existing
+        elif not overwrite:
+            raise DataError(f"{root} holds a dataset generated with other parameters; pass --overwrite to replace it")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
     try:
@@ -536,6 +568,18 @@ def generate_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _our_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest of a dataset this generator wrote (its marker), else None."""
+    man_path = root / "manifest.json"
+    if not root.is_dir() or not man_path.is_file():
+        return None
+    try:
+        existing = load_json(man_path)
+    except DataError:
+        return None
+    return existing if isinstance(existing, dict) and existing.get("generator") == GENERATOR else None
 
 
 def _swap_into_place(tmp: Path, root: Path) -> None:

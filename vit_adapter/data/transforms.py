@@ -1,6 +1,6 @@
 """Paper-style data pipelines with boxes, instance masks and label maps kept consistent.
 
-Detection follows the official Mask R-CNN 1x pipeline (facts §2: resize to (1333, 800) keeping the aspect
+Detection follows the official Mask R-CNN 1x pipeline (reference §2: resize to (1333, 800) keeping the aspect
 ratio, random flip, normalise with ImageNet mean/std, pad to a multiple of 32); segmentation follows the UperNet
 ADE20K pipeline (resize (2048, 512) with ratio 0.5-2.0, random crop 512 with cat_max_ratio 0.75, flip, photometric
 distortion, normalise, pad). Sizes are parameters so the CPU profile can use 64-128 px images.
@@ -269,7 +269,9 @@ class Normalize:
         return sample
 
     def __repr__(self) -> str:
-        return "Normalize(imagenet)"
+        if self.mean.flatten().tolist() == list(IMAGENET_MEAN) and self.std.flatten().tolist() == list(IMAGENET_STD):
+            return "Normalize(imagenet)"
+        return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
 
 def to_normalized_tensor(image: np.ndarray, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
@@ -280,7 +282,7 @@ def to_normalized_tensor(image: np.ndarray, mean: torch.Tensor | None = None, st
 
 
 class Pad:
-    """Pad bottom/right to ``size`` = (h, w) and/or to a multiple of ``size_divisor`` (facts §5: the adapter
+    """Pad bottom/right to ``size`` = (h, w) and/or to a multiple of ``size_divisor`` (reference §5: the adapter
     needs h, w divisible by 32). Image pad 0 (after Normalize, like mmdet/mmseg), masks 0, label map
     ``seg_pad_val``."""
 
@@ -329,8 +331,10 @@ def detection_transforms(
     crop_size: tuple[int, int] | None = None,
     flip_prob: float = 0.5,
     size_divisor: int = 32,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Compose:
-    """Mask R-CNN 1x pipeline (facts §2). ``ratio_range``/``crop_size`` add scale jitter and cropping for
+    """Mask R-CNN 1x pipeline (reference §2). ``ratio_range``/``crop_size`` add scale jitter and cropping for
     small-data CPU runs (the paper's 3x AutoAugment pipeline is not reproduced). ``scale=None``: no resize."""
     ts: list[Transform] = []
     if scale is not None:
@@ -339,7 +343,7 @@ def detection_transforms(
         if crop_size is not None:
             ts.append(RandomCrop(crop_size))
         ts.append(RandomFlip(flip_prob))
-    ts += [Normalize(), Pad(size_divisor)]
+    ts += [Normalize(mean, std), Pad(size_divisor)]
     return Compose(ts)
 
 
@@ -354,22 +358,24 @@ def segmentation_transforms(
     photometric: bool = True,
     size_divisor: int = 32,
     ignore_index: int = IGNORE_INDEX,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Compose:
-    """UperNet ADE20K pipeline (facts §2; mmseg ade20k.py): train = Resize(ratio 0.5-2) -> RandomCrop(512,
+    """UperNet ADE20K pipeline (reference §2; mmseg ade20k.py): train = Resize(ratio 0.5-2) -> RandomCrop(512,
     cat_max_ratio 0.75) -> Flip -> PhotoMetricDistortion -> Normalize -> Pad(crop size, label 255);
     test = Resize(keep ratio) -> Normalize -> Pad to a multiple of 32 (label 255, so padding is ignored).
     ``scale=None``: no resize; ``crop_size=None``: no crop."""
     resize: list[Transform] = [] if scale is None else [Resize(scale, keep_ratio=True, ratio_range=ratio_range)]
     if not train:
         resize = [] if scale is None else [Resize(scale, keep_ratio=True)]
-        return Compose([*resize, Normalize(), Pad(size_divisor, seg_pad_val=ignore_index)])
+        return Compose([*resize, Normalize(mean, std), Pad(size_divisor, seg_pad_val=ignore_index)])
     ts: list[Transform] = list(resize)
     if crop_size is not None:
         ts.append(RandomCrop(crop_size, cat_max_ratio=cat_max_ratio, ignore_index=ignore_index))
     ts.append(RandomFlip(flip_prob))
     if photometric:
         ts.append(PhotoMetricDistortion())
-    ts += [Normalize(), Pad(size_divisor, size=crop_size, seg_pad_val=ignore_index)]
+    ts += [Normalize(mean, std), Pad(size_divisor, size=crop_size, seg_pad_val=ignore_index)]
     return Compose(ts)
 
 

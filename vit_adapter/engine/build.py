@@ -15,12 +15,13 @@ from ..data import (
     detection_transforms,
     segmentation_transforms,
 )
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models.adapter import ViTAdapter
 from ..models.factory import create_model
 from ..models.heads import build_head_model
 from ..models.vit import LoadReport, load_vit_state_dict
 from .config import Config, model_overrides
-from .weights import fetch_weights, load_weights, weights_path_for
+from .weights import fetch_weights, load_weights, verify_file_sha256, weights_path_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ROOTS = {"generated": "data/generated", "coco": "data/coco", "ade20k": "data/ade20k"}
@@ -50,6 +51,8 @@ def head_kwargs(cfg: Config) -> dict[str, Any]:
             box_score_thresh=h.box_score_thresh,
             box_nms_thresh=h.box_nms_thresh,
             box_detections_per_img=h.detections_per_img,
+            box_loss=h.box_loss,
+            roi_align_aligned=h.roi_align_aligned,
         )
         if h.anchor_sizes is not None:
             kw["anchor_sizes"] = tuple(h.anchor_sizes)
@@ -78,9 +81,10 @@ def resolve_weights(cfg: Config) -> Path | None:
     if not cfg.weights.source:
         raise ValueError("weights.init is 'pretrained' but weights.source is not set")
     src = cfg.weights.source
-    local = Path(src)
+    local = _abs(src)
     if local.suffix == ".safetensors" and local.is_file() and Path(str(local) + ".json").is_file():
-        return local  # already in our format (e.g. written by `vit-adapter pretrain`)
+        # Already in our format (e.g. written by `vit-adapter pretrain`); a configured digest is still checked.
+        return verify_file_sha256(local, cfg.weights.sha256, "weights.sha256")
     out = weights_path_for(src, _abs(cfg.weights.cache_dir))
     return fetch_weights(src, out, cfg.weights.sha256)
 
@@ -93,8 +97,10 @@ def load_pretrained(model: nn.Module, cfg: Config) -> LoadReport | None:
 
 
 def _abs(p: str | Path) -> Path:
-    p = Path(p)
-    return p if p.is_absolute() else REPO_ROOT / p
+    """The one rule for relative paths (data.root, weights.source, weights.cache_dir): against the current
+    working directory, as a shell would; the pipeline runs at the repository root (docs/faults.md)."""
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else Path.cwd() / p
 
 
 def data_root(cfg: Config) -> Path:
@@ -110,6 +116,7 @@ def build_datasets(cfg: Config, seed: int) -> tuple[Any, Any, Any]:
     d = cfg.data
     root = data_root(cfg)
     size = (d.image_size, d.image_size)
+    norm = {"mean": tuple(d.norm_mean or IMAGENET_MEAN), "std": tuple(d.norm_std or IMAGENET_STD)}
     if cfg.model.task == "det":
         scale = tuple(d.img_scale) if d.img_scale else size[::-1]
         crop = size if d.crop else None
@@ -121,11 +128,14 @@ def build_datasets(cfg: Config, seed: int) -> tuple[Any, Any, Any]:
             crop_size=crop,
             flip_prob=0.5 if d.flip else 0.0,
             size_divisor=d.size_divisor,
+            **norm,
         )
-        tval = detection_transforms(False, scale=scale, size_divisor=d.size_divisor)
+        tval = detection_transforms(False, scale=scale, size_divisor=d.size_divisor, **norm)
         kw = dict(seed=seed, cache=d.cache_in_memory)
         train = build_dataset("coco", root, "train", ttrain, max_images=d.n_train, **kw)
         val = build_dataset("coco", root, "val", tval, max_images=d.n_val, filter_empty=False, **kw)
+        _check_sizes(cfg, train, val)
+        _check_classes(root, train.num_classes, cfg)
         return train, val, collate_detection
     scale = tuple(d.img_scale) if d.img_scale else (d.image_size * 4, d.image_size)
     rr = tuple(d.ratio_range) if d.ratio_range else None
@@ -138,8 +148,9 @@ def build_datasets(cfg: Config, seed: int) -> tuple[Any, Any, Any]:
         flip_prob=0.5 if d.flip else 0.0,
         photometric=d.photometric,
         size_divisor=d.size_divisor,
+        **norm,
     )
-    tval = segmentation_transforms(False, scale=scale, size_divisor=d.size_divisor)
+    tval = segmentation_transforms(False, scale=scale, size_divisor=d.size_divisor, **norm)
     kw = dict(
         seed=seed,
         cache=d.cache_in_memory,
@@ -148,6 +159,23 @@ def build_datasets(cfg: Config, seed: int) -> tuple[Any, Any, Any]:
     )
     train = build_dataset("ade20k", root, "train", ttrain, max_images=d.n_train, **kw)
     val = build_dataset("ade20k", root, "val", tval, max_images=d.n_val, return_meta=True, **kw)
-    if train.num_classes != cfg.head.num_classes:
-        raise DataError(f"{root} has {train.num_classes} classes but head.num_classes is {cfg.head.num_classes}")
+    _check_sizes(cfg, train, val)
+    _check_classes(root, train.num_classes, cfg)
     return train, val, collate_segmentation
+
+
+def _check_sizes(cfg: Config, train: Any, val: Any) -> None:
+    # More images than a split holds used to train on fewer while config.yaml recorded the number asked for.
+    for key, ds in (("data.n_train", train), ("data.n_val", val)):
+        wanted = getattr(cfg.data, key.split(".")[1])
+        if wanted is not None and wanted > ds.available:
+            raise DataError(
+                f"{key} = {wanted} but the {ds.split} split of {data_root(cfg)} has only {ds.available} usable "
+                f"images; lower {key} (null = all) or generate a larger set"
+            )
+
+
+def _check_classes(root: Path, found: int, cfg: Config) -> None:
+    # A head sized for another label set trains silently (COCO: 80 categories, ADE20K: 150), so say so up front.
+    if found != cfg.head.num_classes:
+        raise DataError(f"{root} has {found} classes but head.num_classes is {cfg.head.num_classes}")

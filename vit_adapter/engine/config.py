@@ -15,6 +15,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -55,11 +56,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Backbone choice. Every flag defaults to None = "the preset's default" (ablation_variants.md)."""
+    """Backbone choice. Every flag defaults to None = "the preset's default" (reference §7)."""
 
     preset: Preset = "vit_adapter_cpu"
     task: Task = "det"
-    # Ablation switches (ablation_variants.md).
+    # Ablation switches (reference §7).
     use_spm: bool | None = None
     injector: Literal["attention", "add", "none"] | None = None
     use_extractor: bool | None = None
@@ -67,7 +68,7 @@ class ModelConfig:
     attention: Literal["deformable", "dense"] | None = None
     n_interactions: int | None = None
     extra_extractors: int | None = None
-    # Module hyper-parameters (facts §1, §2).
+    # Module hyper-parameters (reference §1, §2).
     gamma_init: float | None = None
     cffn_ratio: float | None = None
     with_cffn: bool | None = None
@@ -79,8 +80,8 @@ class ModelConfig:
     norm: Literal["bn", "syncbn"] | None = None
     with_cp: bool | None = None
     pretrain_size: int | None = None
-    add_vit_feature: bool | None = None  # add the ViT tokens to the adapter outputs (facts §1.6)
-    window_size: int | None = None  # 14 in the official detection configs (facts §1.1)
+    add_vit_feature: bool | None = None  # add the ViT tokens to the adapter outputs (reference §1.6)
+    window_size: int | None = None  # 14 in the official detection configs (reference §1.1)
     mlp_ratio: float | None = None
     # Architecture (None = preset).
     embed_dim: int | None = None
@@ -97,10 +98,10 @@ class HeadConfig:
 
     type: Literal["mask_rcnn", "upernet", "semfpn"] = "mask_rcnn"
     num_classes: int = 10
-    channels: int = 256  # decode-head channels (UperNet 512, facts §2)
-    aux_weight: float = 0.4  # UperNet auxiliary FCN head loss weight (facts §2); 0 = no aux head
-    aux_in_index: int = 2  # which backbone level feeds the aux head (facts §2)
-    fpn_channels: int = 256  # FPN neck width (facts §2, §6)
+    channels: int = 256  # decode-head channels (UperNet 512, reference §2)
+    aux_weight: float = 0.4  # UperNet auxiliary FCN head loss weight (reference §2); 0 = no aux head
+    aux_in_index: int = 2  # which backbone level feeds the aux head (reference §2)
+    fpn_channels: int = 256  # FPN neck width (reference §2, §6)
     # Mask R-CNN (torchvision naming; defaults follow mmdet's mask_rcnn_r50_fpn base).
     representation_size: int = 1024
     mask_convs: int = 4
@@ -117,6 +118,10 @@ class HeadConfig:
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     detections_per_img: int = 100
+    # mmdet-compatible box math (docs/paper_profile.md): "l1" = mmdet 2.22's L1 RPN/RoI box losses, "smooth_l1" =
+    # torchvision's (beta 1/9); roi_align_aligned = mmcv RoIAlign's half-pixel alignment (torchvision: False).
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    roi_align_aligned: bool = False
 
 
 @dataclass
@@ -125,18 +130,24 @@ class DataConfig:
 
     dataset: Literal["generated", "coco", "ade20k"] = "generated"
     root: str | None = None  # None = the dataset's default location
-    image_size: int = 128  # generated image side / training crop side; multiple of 32 (facts §5)
+    image_size: int = 128  # generated image side / training crop side; multiple of 32 (reference §5)
     img_scale: list[int] | None = None  # [long, short] resize target, mmdet/mmseg style; None = no resize
     ratio_range: list[float] | None = None  # random rescale of img_scale, [min, max]
-    size_divisor: int = 32  # pad to a multiple of this (facts §2, §5)
+    size_divisor: int = 32  # pad to a multiple of this (reference §2, §5)
     n_train: int | None = None  # None = the whole split
     n_val: int | None = None
     generator: dict[str, Any] = field(default_factory=dict)  # settings passed to the scene generator
     # "foreground": segmentation of object vs background (every object class -> 1, head.num_classes 2); the
     # CPU default's task, chosen by pilots (docs/pilots.md). "classes": the label maps as stored.
     label_mode: Literal["classes", "foreground"] = "classes"
-    batch_size: int = 16
-    num_workers: int = 0
+    batch_size: int = 16  # GLOBAL batch per optimiser step: per process = batch_size / world / train.grad_accum
+    eval_batch_size: int | None = None  # images per evaluation forward and process; None = the per-process batch
+    num_workers: int = 0  # 0 = load in the training process; > 0 = torch DataLoader workers
+    pin_memory: bool = True  # page-locked host batches (CUDA only)
+    group_by_aspect: bool = False  # detection: each per-process batch is all landscape or all portrait (mmdet)
+    # Input normalisation (0..255 RGB); None = ImageNet mean/std. The AugReg ViT-L configs use 127.5/127.5.
+    norm_mean: list[float] | None = None
+    norm_std: list[float] | None = None
     flip: bool = True
     crop: bool = False  # random crop to image_size x image_size
     cat_max_ratio: float | None = None  # mmseg RandomCrop: max share of one class in a crop
@@ -144,7 +155,7 @@ class DataConfig:
     reduce_zero_label: bool = False  # ADE20K: label 0 ("other") becomes ignore
     cache_in_memory: bool = False
     test_mode: Literal["whole", "slide"] = "whole"
-    slide_stride: int | None = None  # sliding-window stride when test_mode == "slide" (facts §2: 341)
+    slide_stride: int | None = None  # sliding-window stride when test_mode == "slide" (reference §2: 341)
 
 
 @dataclass
@@ -156,8 +167,11 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     layer_decay: float | None = None  # None = off; else the per-layer lr decay rate
-    # Substrings of parameter names that get no weight decay (facts §2).
+    # Substrings of parameter names that get no weight decay (reference §2).
     no_decay: list[str] = field(default_factory=lambda: ["level_embed", "pos_embed", "norm", "bias"])
+    # "names": the substrings above; "ndim_or_bias": the official layer-decay constructor's rule (1-D parameters
+    # and names ending in ".bias" get no decay), used by the layer-decay profiles.
+    no_decay_rule: Literal["names", "ndim_or_bias"] = "names"
     warmup_iters: int = 0
     warmup_ratio: float = 1e-3  # lr starts at warmup_ratio * lr and rises linearly
     schedule: Literal["step", "poly"] = "step"
@@ -178,8 +192,12 @@ class TrainConfig:
     checkpoint_interval: int = 500
     log_interval: int = 50
     seed: int = 0
-    grad_accum: int = 1  # micro-batches per optimiser step; batch_size is per micro-batch
-    amp: bool = False
+    grad_accum: int = 1  # micro-batches per optimiser step (data.batch_size is the global batch)
+    amp: bool = False  # CUDA autocast; box/proposal math stays fp32
+    amp_dtype: Literal["bf16", "fp16"] = "bf16"  # fp16 uses a dynamic GradScaler starting at loss_scale
+    loss_scale: float = 512.0  # the official segmentation configs' fp16 init_scale
+    tf32: bool = True  # allow TF32 matmuls/convs on CUDA (the paper's torch 1.9 default)
+    dist_timeout_s: int = 1800  # process-group timeout (collectives, e.g. around evaluation)
     threads: int | None = None  # torch intra-op threads; None = leave torch's default
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True
@@ -425,11 +443,26 @@ def _build(data: Mapping[str, Any], origins: Mapping[str, str]) -> Config:
             if out is _NOT:
                 src = origins.get(dotted, "defaults")
                 raise ConfigError(f"{dotted} = {values[key]!r} (from {src}) is invalid: expected {_describe(tp)}")
+            _reject_non_finite(out, dotted, origins)
             kwargs[key] = out
         sections[name] = cls(**kwargs)
     cfg = Config(**sections)
     _check_consistency(cfg, origins)
     return cfg
+
+
+def _reject_non_finite(value: Any, dotted: str, origins: Mapping[str, str]) -> None:
+    """NaN/inf pass every range check (`nan <= 0` is False) and then break training far from their key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        src = origins.get(dotted, "defaults")
+        raise ConfigError(f"{dotted} = {value!r} (from {src}) is invalid: must be a finite number")
+    if isinstance(value, list | tuple):
+        for v in value:
+            _reject_non_finite(v, dotted, origins)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{dotted}.{k}"
+            _reject_non_finite(v, sub if sub in origins else dotted, origins)
 
 
 def _check_consistency(cfg: Config, origins: Mapping[str, str]) -> None:
@@ -446,12 +479,22 @@ def _check_consistency(cfg: Config, origins: Mapping[str, str]) -> None:
     if cfg.data.dataset not in _DATASETS_FOR_TASK[task]:
         fail("data.dataset", f"task '{task}' needs one of {', '.join(_DATASETS_FOR_TASK[task])}")
     if cfg.data.image_size <= 0 or cfg.data.image_size % 32:
-        fail("data.image_size", "must be a positive multiple of 32 (facts §5)")
+        fail("data.image_size", "must be a positive multiple of 32 (reference §5)")
     if cfg.data.test_mode == "slide" and not cfg.data.slide_stride:
         fail("data.slide_stride", "test_mode 'slide' needs a positive stride")
     for dotted in ("data.batch_size", "train.max_iters", "train.grad_accum", "head.num_classes"):
         if _get(cfg, dotted) < 1:
             fail(dotted, "must be >= 1")
+    if cfg.data.batch_size % cfg.train.grad_accum:  # the world size is checked when training starts
+        fail("data.batch_size", f"the global batch must divide into train.grad_accum = {cfg.train.grad_accum}")
+    for dotted in ("data.eval_batch_size", "train.dist_timeout_s", "data.num_workers"):
+        v = _get(cfg, dotted)
+        if v is not None and v < (0 if dotted == "data.num_workers" else 1):
+            fail(dotted, "must be >= 0" if dotted == "data.num_workers" else "must be >= 1")
+    for dotted in ("data.norm_mean", "data.norm_std"):
+        v = _get(cfg, dotted)
+        if v is not None and (len(v) != 3 or (dotted == "data.norm_std" and min(v) <= 0)):
+            fail(dotted, "must be 3 RGB values (std > 0) or null")
     for dotted in (
         "train.eval_interval",
         "train.checkpoint_interval",
@@ -489,17 +532,20 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 
 def resolve_path(name: str | Path, search: Sequence[Path]) -> Path:
-    """An existing path as given, else `<dir>/<name>.yaml` in the first search dir that has it."""
+    """The one rule (docs/faults.md): a bare name (no directory, no suffix, e.g. `cpu_default`) is a profile,
+    `<dir>/<name>.yaml` in the first search dir (the project's experiments/, ablations/) that has it; anything
+    else is a path, relative to the current working directory."""
     path = Path(name)
-    if path.is_file():
-        return path
     if path.suffix == "" and len(path.parts) == 1:
         for folder in search:
             candidate = folder / f"{name}.yaml"
             if candidate.is_file():
                 return candidate
-    where = ", ".join(str(d) for d in search)
-    raise ConfigError(f"config file '{name}' not found (as a path, nor as <name>.yaml in {where})")
+        where = ", ".join(str(d) for d in search)
+        raise ConfigError(f"profile '{name}' not found: no {name}.yaml in {where} (a file needs a path or suffix)")
+    if path.is_file():
+        return path
+    raise ConfigError(f"config file '{name}' not found (relative paths start at {Path.cwd()})")
 
 
 def load_config(

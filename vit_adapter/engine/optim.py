@@ -1,4 +1,4 @@
-"""AdamW with the official parameter groups and the warmup + step/poly schedules (facts §2)."""
+"""AdamW with the official parameter groups and the warmup + step/poly schedules (reference §2)."""
 
 from __future__ import annotations
 
@@ -31,14 +31,20 @@ def param_groups(
     no_decay: Sequence[str],
     layer_decay: float | None = None,
     num_layers: int = 12,
+    no_decay_rule: str = "names",
 ) -> list[dict]:
     """One group per (decay, layer) pair. No weight decay on names containing any ``no_decay`` substring —
-    a substring match, as the official configs, so γ and LayerScale gammas *do* get decay (facts §2)."""
+    a substring match, as the official configs, so γ and LayerScale gammas *do* get decay (reference §2)."""
     groups: dict[tuple[bool, int], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not any(s in name for s in no_decay)
+        if no_decay_rule == "ndim_or_bias":
+            # The official layer-decay constructor: 1-D tensors (norms, biases, gamma, level_embed) and ".bias";
+            # its extra name check for pos_embed never matches the prefixed names, so pos_embed *is* decayed.
+            decay = not (p.ndim == 1 or name.endswith(".bias"))
+        else:
+            decay = not any(s in name for s in no_decay)
         lid = layer_id(name, num_layers) if layer_decay is not None else 0
         scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0
         g = groups.setdefault(
@@ -61,6 +67,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, num_layers: int) -> torc
         no_decay=cfg.no_decay,
         layer_decay=cfg.layer_decay,
         num_layers=num_layers,
+        no_decay_rule=cfg.no_decay_rule,
     )
     for g in groups:
         del g["names"]  # names are for inspection only; the optimizer state dict must stay tensor-free

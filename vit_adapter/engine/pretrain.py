@@ -346,11 +346,13 @@ def evaluate_top1(
 
 
 def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, LayerScale gammas and the position embedding (all <= 1-D or pos)."""
+    """No weight decay on biases, norms, LayerScale gammas (all 1-D) and what each module names in its
+    ``no_weight_decay()`` (timm's convention: the ViT's position embedding; the head names none)."""
     decay, no_decay = [], []
     for m in modules:
+        skip = m.no_weight_decay() if hasattr(m, "no_weight_decay") else set()
         for name, p in m.named_parameters():
-            (no_decay if p.ndim <= 1 or name == "pos_embed" else decay).append(p)
+            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

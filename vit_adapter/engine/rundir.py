@@ -2,9 +2,12 @@
 
 Run-directory scheme (docs/config.md): a run works in ``<out>.partial/`` (config, logs, checkpoints) and is
 renamed to ``<out>`` only when it finished. So ``<out>`` existing means "complete"; a crash or kill leaves
-only ``<out>.partial/``, which the next start resumes from its latest checkpoint, provided the resolved config
-hash matches. A finished ``<out>`` is never overwritten unless asked, and even then the old one is kept
-until the new run has finished.
+only ``<out>.partial/``, which the next start resumes from its newest readable checkpoint, provided the run
+identity matches. A finished ``<out>`` is never overwritten unless asked, and even then the old one is kept
+until the new run has finished. Only directories this tool wrote (they hold ``VIT_ADAPTER_RUN``, or
+``RUN_IDENTITY`` for runs from before the marker) are ever replaced or deleted. One process at a time writes a
+run: it holds an flock(2) on ``.<out>.lock`` beside it (released by the kernel even on ``kill -9``).
+See docs/faults.md.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import wraps
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -30,11 +35,115 @@ from typing import IO, Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARTIAL_SUFFIX = ".partial"
 IDENTITY_FILE = "RUN_IDENTITY"  # holds the config hash inside the work dir
+MARKER_FILE = "VIT_ADAPTER_RUN"  # "this directory is a run this tool wrote": the only kind it ever deletes
 _CKPT_RE = re.compile(r"^iter_(\d+)\.pt$")
+_TMP_RE = re.compile(r"^\..+\.tmp$")  # atomic_open's temp files: `.<name>.<random>.tmp`
 
 
 class RunDirError(RuntimeError):
     """A run directory cannot be used as asked (finished already, other config, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One writer per directory: an flock(2) through the `filelock` package. The kernel drops it when the holder
+# dies (even by SIGKILL), so a lock never goes stale; the holder writes its PID into the file so that the
+# second writer can name it.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def lock_path(target: str | Path) -> Path:
+    """The lock file of a run or dataset directory: hidden, beside it (inside it would move on rename)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.lock")
+
+
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+
+
+class DirLock:
+    """Exclusive, non-blocking lock of one directory; `acquire` raises RunDirError naming the holder's PID."""
+
+    def __init__(self, target: str | Path, what: str) -> None:
+        self.path = lock_path(target)
+        self.what = what
+        self._lock: Any = None
+
+    def acquire(self) -> DirLock:
+        from filelock import FileLock, Timeout  # local: keep `import vit_adapter.engine.rundir` cheap
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.path, timeout=0, thread_local=False, on_acquired=_write_pid)
+        try:
+            lock.acquire()
+        except Timeout:
+            try:
+                holder = self.path.read_text(encoding="ascii").strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            raise RunDirError(
+                f"{self.what} is in use by another writer (PID {holder}); wait for it to finish or stop it"
+            ) from None
+        self._lock = lock
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file, then unlock (filelock re-checks the inode, so a waiter never holds a stale one)."""
+        if self._lock is None:
+            return
+        with suppress(OSError):
+            self.path.unlink()
+        self._lock.release()
+        self._lock = None
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
+
+# The locks open_run_dir took inside a `releases_run_locks` call (per thread/context: a sweep's threads never
+# release each other's).
+_ACQUIRED: ContextVar[list[DirLock] | None] = ContextVar("vit_adapter_acquired_locks", default=None)
+
+
+def releases_run_locks(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: every run lock taken during the call is released when it returns or raises."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = _ACQUIRED.set([])
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for lock in _ACQUIRED.get() or []:
+                lock.release()
+            _ACQUIRED.reset(token)
+
+    return wrapper
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete atomic_open temp files left in `folder` by a killed writer (call only while holding its lock)."""
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_file() and _TMP_RE.match(p.name):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def is_tool_dir(path: Path) -> bool:
+    """True for a directory this tool wrote: it holds the marker (or, from before the marker, RUN_IDENTITY)."""
+    return path.is_dir() and ((path / MARKER_FILE).is_file() or (path / IDENTITY_FILE).is_file())
+
+
+def holds_files(path: Path) -> bool:
+    """True for a file, or a directory with any file below it (an empty tree has nothing to lose)."""
+    if not path.is_dir() or path.is_symlink():
+        return os.path.lexists(path)
+    return any(not p.is_dir() or p.is_symlink() for p in path.rglob("*"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,6 +207,7 @@ class RunDir:
 
     out: Path
     resumed: bool = False
+    lock: DirLock | None = field(default=None, compare=False, repr=False)
 
     @property
     def work(self) -> Path:
@@ -132,10 +242,17 @@ class RunDir:
         for _, p in self.checkpoints()[:-keep]:
             p.unlink(missing_ok=True)
 
+    def release(self) -> None:
+        """Give up the one-writer lock (idempotent); the trainer calls it however the run ended."""
+        if self.lock is not None:
+            self.lock.release()
+
     def finalize(self) -> Path:
         """Move the finished work dir to `out`. A previous `out` (overwrite) is removed only afterwards."""
         if not self.work.is_dir():
             raise RunDirError(f"nothing to finalize: {self.work} does not exist")
+        remove_stale_temps(self.work)  # a temp left by a killed earlier attempt must not reach the finished run
+        remove_stale_temps(self.checkpoint_dir)
         old = None
         if self.out.exists():
             old = self.out.with_name(f"{self.out.name}.replaced-{os.getpid()}")
@@ -147,30 +264,50 @@ class RunDir:
 
 
 def open_run_dir(out: str | Path, identity: str, *, resume: bool = True, overwrite: bool = False) -> RunDir:
-    """Create or resume `<out>.partial/` for a run whose resolved config hashes to `identity`.
+    """Lock, then create or resume `<out>.partial/` for a run whose identity string is `identity`.
 
-    - `<out>` exists (finished): RunDirError unless `overwrite` (then the new run replaces it on finalize).
+    - `<out>` exists: RunDirError unless it is a run this tool wrote and `overwrite` (then the new run replaces it
+      on finalize); anything else there is never touched.
     - `<out>.partial` exists: resumed if `resume` and its identity matches, else RunDirError on a mismatch;
-      with `resume=False` it is wiped and the run starts fresh.
+      with `resume=False` it is wiped and the run starts fresh. Stale temp files in it are removed.
+    - another process writing the same run: RunDirError naming its PID.
+    The returned RunDir holds the lock until `release()` (or the process ends).
     """
     run = RunDir(Path(out))
-    if run.out.exists() and not overwrite:
-        raise RunDirError(f"{run.out} holds a finished run; pass overwrite=True (--overwrite) to replace it")
-    id_file = run.work / IDENTITY_FILE
-    if run.work.exists():
-        if not resume:
-            shutil.rmtree(run.work)
-        else:
-            found = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None
-            if found != identity:
+    lock = DirLock(run.out, f"run directory {run.out}").acquire()
+    if (acquired := _ACQUIRED.get()) is not None:
+        acquired.append(lock)
+    try:
+        id_file = run.work / IDENTITY_FILE
+        for path in (run.out, run.work):
+            if holds_files(path) and not is_tool_dir(path):
+                kind = "a directory" if path.is_dir() else "a file"
                 raise RunDirError(
-                    f"{run.work} belongs to another config (hash {found}, now {identity}); "
-                    "start fresh with resume=False (--no-resume) or pick another output directory"
+                    f"{path} is {kind} that vit-adapter did not write (no {MARKER_FILE}); refusing to use or "
+                    "replace it: pick another output directory"
                 )
-            return RunDir(run.out, resumed=True)
-    run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(id_file, identity + "\n")
-    return run
+        if is_tool_dir(run.out) and not overwrite:
+            raise RunDirError(f"{run.out} holds a finished run; pass overwrite=True (--overwrite) to replace it")
+        if run.work.exists():
+            if not resume or not is_tool_dir(run.work):  # the latter: killed before its marker, no files
+                shutil.rmtree(run.work)
+            else:
+                found = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None
+                if found != identity:
+                    raise RunDirError(
+                        f"{run.work} belongs to another config (hash {found}, now {identity}); "
+                        "start fresh with resume=False (--no-resume) or pick another output directory"
+                    )
+                remove_stale_temps(run.work)
+                remove_stale_temps(run.checkpoint_dir)
+                return RunDir(run.out, resumed=True, lock=lock)
+        run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.work / MARKER_FILE, "vit-adapter run directory; --overwrite may replace it\n")
+        atomic_write_text(id_file, identity + "\n")
+    except BaseException:
+        lock.release()
+        raise
+    return RunDir(run.out, lock=lock)
 
 
 # ---------------------------------------------------------------------------------------------------------

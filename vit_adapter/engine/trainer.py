@@ -8,13 +8,15 @@ same weights and metrics, bit for bit on CPU, as one that never stopped.
 
 from __future__ import annotations
 
+import datetime
+import functools
 import json
 import math
 import os
 import resource
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +31,42 @@ from tqdm import tqdm
 from ..metrics import CocoMetric, SegMetric
 from .build import backbone_of, build_datasets, build_model, load_pretrained
 from .config import EXECUTION_KEYS, Config, config_hash, save_config
+from .identity import run_identity
 from .optim import build_optimizer, build_scheduler
-from .rundir import RunDir, atomic_torch_save, atomic_write_json, open_run_dir, run_metadata, set_determinism
+from .rundir import (
+    RunDir,
+    atomic_torch_save,
+    atomic_write_json,
+    open_run_dir,
+    releases_run_locks,
+    run_metadata,
+    set_determinism,
+)
 
 # Tests of the pipeline's crash recovery set this to make a training process SIGKILL itself after iteration N.
 _KILL_AFTER = os.environ.get("VIT_ADAPTER_KILL_AFTER_ITER")
 
 
 class StopTraining(Exception):
-    """Raised by a hook (or SIGTERM/SIGINT) to stop after the current iteration's checkpoint logic."""
+    """Raised by a hook (or SIGTERM/SIGINT) to stop after the current iteration's checkpoint logic.
+
+    ``signum`` is the signal that asked for the stop (None for a hook); the CLI exits 128 + signum."""
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class DivergedError(FloatingPointError, ValueError):
+    """A non-finite loss or weights: one line naming the iteration and the key to change. No checkpoint is
+    written from that point on, so the work dir keeps only states from before the divergence."""
+
+    def __init__(self, what: str, iteration: int, cfg: Config) -> None:
+        super().__init__(
+            f"{what} at iteration {iteration}: training diverged; lower optim.lr (now {cfg.optim.lr:g}) or set "
+            f"optim.clip_grad (now {cfg.optim.clip_grad}), then rerun with --no-resume"
+        )
+        self.iteration = iteration
 
 
 @dataclass
@@ -63,14 +92,28 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: torch.device) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, NCCL on GPU."""
+def init_distributed(device: torch.device, timeout_s: int = 1800) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, NCCL on GPU. ``timeout_s`` bounds every
+    collective (train.dist_timeout_s; NCCL's own default is 10 minutes)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def per_process_batch(cfg: Config, world: int) -> int:
+    """Images per process and micro-batch: ``data.batch_size`` is the global batch of one optimiser step
+    (the paper's 16 = 8 GPUs x 2), split over ``world`` processes and ``train.grad_accum`` micro-batches."""
+    total, accum = cfg.data.batch_size, cfg.train.grad_accum
+    if total % (world * accum):
+        raise ValueError(
+            f"data.batch_size = {total} (the global batch) does not divide into {world} process(es) x "
+            f"train.grad_accum = {accum}; use a multiple of {world * accum}"
+        )
+    return total // (world * accum)
 
 
 def pick_device(kind: str, local_rank: int) -> torch.device:
@@ -91,20 +134,110 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def use_syncbn(cfg: Config, world: int, device: torch.device) -> bool:
+    """SyncBN by default under DDP on CUDA (model.norm null), as the official configs; gloo on CPU cannot
+    synchronise BatchNorm, so CPU DDP keeps per-process BN. An explicit model.norm=bn keeps BN everywhere."""
+    if world == 1:
+        return False
+    return cfg.model.norm == "syncbn" or (cfg.model.norm is None and device.type == "cuda")
+
+
+def grouped_epoch_order(groups: Sequence[int], chunk: int, seed: int, epoch: int) -> list[int]:
+    """mmdet's GroupSampler, as a pure function of (seed, epoch): the epoch's permutation split by group (e.g.
+    landscape / portrait), each group cut into chunks of ``chunk`` (one process's micro-batch, tails dropped),
+    and the chunks shuffled, so no batch pads a portrait image to a landscape one."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(groups), generator=g).tolist()
+    chunks: list[list[int]] = []
+    for gid in sorted(set(groups)):
+        members = [i for i in order if groups[i] == gid]
+        chunks += [members[k : k + chunk] for k in range(0, len(members) - chunk + 1, chunk)]
+    return [i for c in torch.randperm(len(chunks), generator=g).tolist() for i in chunks[c]]
+
+
 def iteration_batches(
-    n: int, batch: int, seed: int, start_it: int, max_iters: int, d: Dist
+    n: int,
+    batch: int,
+    seed: int,
+    start_it: int,
+    max_iters: int,
+    d: Dist,
+    order_fn: Callable[[int], list[int]] | None = None,
 ) -> Iterator[tuple[int, int, list[int]]]:
     """(iteration, epoch, this rank's indices) from ``start_it``; the global batch is ``batch * world``,
-    split rank-wise; incomplete tail batches are dropped (drop_last)."""
+    split rank-wise; incomplete tail batches are dropped (drop_last). ``order_fn(epoch)`` replaces the
+    epoch's plain permutation (aspect-ratio grouping); its length must not depend on the epoch."""
     global_batch = batch * d.world
-    per_epoch = n // global_batch
+    per_epoch = (len(order_fn(0)) if order_fn is not None else n) // global_batch
     if per_epoch == 0:
         raise ValueError(f"dataset of {n} images is smaller than one global batch of {global_batch}")
     for it in range(start_it, max_iters):
         epoch, pos = divmod(it, per_epoch)
-        order = epoch_order(n, seed, epoch)
+        order = order_fn(epoch) if order_fn is not None else epoch_order(n, seed, epoch)
         chunk = order[pos * global_batch : (pos + 1) * global_batch]
         yield it, epoch, chunk[d.rank * batch : (d.rank + 1) * batch]
+
+
+def aspect_groups(dataset: Any) -> list[int]:
+    """0 = landscape (w >= h), 1 = portrait, per index of a COCO-layout dataset, from the annotation file's
+    image sizes (no image is read)."""
+    imgs = dataset.coco.imgs
+    return [int(imgs[i]["width"] < imgs[i]["height"]) for i in dataset.ids]
+
+
+class _EpochIndexed(torch.utils.data.Dataset):
+    """``ds[(epoch, i)]`` = ``ds.set_epoch(epoch); ds[i]``: a worker process holds its own copy of the dataset,
+    so the epoch (which seeds the transforms) travels with each index instead of being set once."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+class _ScheduleSampler:
+    """Batch sampler over the trainer's own schedule: one list of (epoch, index) per micro-batch, in order."""
+
+    def __init__(self, schedule: Iterator[tuple[int, int, list[int]]], split: Callable) -> None:
+        self.schedule, self.split = schedule, split
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for _, epoch, indices in self.schedule:
+            for part in self.split(indices):
+                yield [(epoch, i) for i in part]
+
+
+def _worker_batches(
+    cfg: Config,
+    dataset: Any,
+    collate: Callable,
+    schedule: Iterator[tuple[int, int, list[int]]],
+    split: Callable,
+    device: torch.device,
+    seed: int,
+) -> Iterator[Any] | None:
+    """Collated micro-batches from ``data.num_workers`` DataLoader workers, in exactly the order the loop
+    consumes them (None for 0 workers: the loop loads in-process). The batches are the same as in-process:
+    the order is the schedule's and every sample's augmentation is seeded by (seed, epoch, index)."""
+    if cfg.data.num_workers == 0:
+        return None
+    loader = torch.utils.data.DataLoader(
+        _EpochIndexed(dataset),
+        batch_sampler=_ScheduleSampler(schedule, split),
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate,
+        pin_memory=cfg.data.pin_memory and device.type == "cuda",
+        # Its own generator: the loader's base seed must not draw from the global RNG, whose state the
+        # checkpoint restores (dropout, drop-path and RoI sampling streams stay the same as in-process).
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return iter(loader)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,11 +271,29 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model (another architecture) or cannot be read."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint file that torch cannot load (truncated, corrupted)."""
+
+
+def newest_readable_checkpoint(run: RunDir, model: nn.Module) -> dict[str, Any] | None:
+    """The newest checkpoint of `run` that loads, or None. An unreadable one (e.g. truncated by a full disk or
+    another tool) is skipped with a warning: training re-reaches its iteration and overwrites it."""
+    import sys
+
+    for _, path in reversed(run.checkpoints()):
+        try:
+            return load_checkpoint(path, model)
+        except UnreadableCheckpointError as err:
+            print(f"warning: {err}; trying the previous checkpoint", file=sys.stderr)
+    return None
+
+
 def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        detail = " ".join(str(err).split())[:200]
+        raise UnreadableCheckpointError(f"cannot read checkpoint {path}: {detail}") from err
     want = architecture_signature(model)
     got = ckpt.get("architecture", {})
     if got != want:
@@ -155,17 +306,58 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
 # Evaluation
 
 
+def eval_batch_size(cfg: Config, world: int = 1) -> int:
+    """Images per evaluation forward and process: data.eval_batch_size, else the per-process training batch."""
+    return cfg.data.eval_batch_size or per_process_batch(cfg, world)
+
+
+def slide_logits(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, *, crop: int, stride: int):
+    """mmseg's ``slide_inference``: ``crop`` x ``crop`` windows every ``stride`` pixels (the last window of a row
+    or column is shifted back to end at the border; an image side below ``crop`` is one window), each window's
+    logits added at its place, then divided by how many windows cover each pixel. Returns fp32 (B, C, H, W)."""
+    _, _, h, w = images.shape
+    rows = max(h - crop + stride - 1, 0) // stride + 1
+    cols = max(w - crop + stride - 1, 0) // stride + 1
+    total: torch.Tensor | None = None
+    count = torch.zeros((1, 1, h, w), device=images.device)
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            out = model(images[:, :, y1:y2, x1:x2]).float()
+            if total is None:
+                total = images.new_zeros((images.shape[0], out.shape[1], h, w), dtype=torch.float32)
+            total[:, :, y1:y2, x1:x2] += out
+            count[:, :, y1:y2, x1:x2] += 1
+    assert total is not None
+    return total / count
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, val_set: Any, collate: Callable, cfg: Config, device: torch.device) -> dict[str, Any]:
-    """Metrics on the whole validation set (rank 0 only), in original image coordinates."""
+def evaluate(
+    model: nn.Module,
+    val_set: Any,
+    collate: Callable,
+    cfg: Config,
+    device: torch.device,
+    d: Dist | None = None,
+) -> dict[str, Any]:
+    """Metrics on the whole validation set, in original image coordinates.
+
+    Distributed (``d.world > 1``, every rank calls this): evaluation batch ``b`` runs on rank ``b % world``,
+    so every batch holds the same images as in one process; segmentation sums the ranks' confusion matrices
+    (integers, exact), detection gathers the per-image predictions on rank 0, which computes COCO AP once.
+    Rank 0 returns the metrics, the other ranks ``{}``."""
     from ..data import detections_to_original, seg_logits_to_original
 
+    d = d or Dist()
     was_training = model.training
     model.eval()
-    batch = max(1, cfg.data.batch_size)
+    batch = eval_batch_size(cfg, d.world)
+    starts = list(range(0, len(val_set), batch))[d.rank :: d.world]
     if cfg.model.task == "det":
         metric = CocoMetric(val_set.coco, label_to_cat=val_set.label_to_cat)
-        for start in range(0, len(val_set), batch):
+        for start in starts:
             items = [val_set[i] for i in range(start, min(start + batch, len(val_set)))]
             images, targets = collate(items)
             with _autocast(cfg, device):
@@ -175,22 +367,36 @@ def evaluate(model: nn.Module, val_set: Any, collate: Callable, cfg: Config, dev
                 for o, t in zip(outs, targets)
             ]
             metric.update([int(t["image_id"]) for t in targets], outs)
-        result = metric.compute()
+        if d.world > 1:
+            parts: list[Any] = [None] * d.world if d.main else []
+            dist.gather_object(metric.preds, parts if d.main else None, dst=0)
+            metric.preds = {k: v for part in parts for k, v in part.items()} if d.main else {}
+        result = metric.compute() if d.main else {}
     else:
         metric = SegMetric(cfg.head.num_classes, ignore_index=255)
-        for start in range(0, len(val_set), batch):
+        slide = cfg.data.test_mode == "slide"
+        for start in starts:
             idx = list(range(start, min(start + batch, len(val_set))))
             items = [val_set[i] for i in idx]
             images, _ = collate([(im, t) for im, t, _ in items])
             with _autocast(cfg, device):
-                logits = model(images.to(device)).float().cpu()
+                if slide:
+                    crop, stride = cfg.data.image_size, int(cfg.data.slide_stride or cfg.data.image_size)
+                    logits = slide_logits(model, images.to(device), crop=crop, stride=stride).cpu()
+                else:
+                    logits = model(images.to(device)).float().cpu()
             for k, (i, (_, _, meta)) in enumerate(zip(idx, items)):
                 pred = seg_logits_to_original(logits[k], meta).argmax(0)
                 metric.update(pred[None], val_set.original_target(i)[None])
-        result = metric.compute()
-        result = {k: v for k, v in result.items() if k in ("mIoU", "mAcc", "aAcc")} | {
-            "IoU_per_class": [None if v is None or math.isnan(v) else float(v) for v in result.get("IoU_per_class", [])]
-        }
+        if d.world > 1:
+            dist.all_reduce(metric.confusion, op=dist.ReduceOp.SUM)  # int64 counts: the sum is exact
+        result = metric.compute() if d.main else {}
+        if d.main:
+            result = {k: v for k, v in result.items() if k in ("mIoU", "mAcc", "aAcc")} | {
+                "IoU_per_class": [
+                    None if v is None or math.isnan(v) else float(v) for v in result.get("IoU_per_class", [])
+                ]
+            }
     model.train(was_training)
     return {k: _clean(v) for k, v in result.items()}
 
@@ -204,9 +410,27 @@ def _clean(v: Any) -> Any:
 
 
 def _autocast(cfg: Config, device: torch.device):
+    """CUDA autocast in train.amp_dtype; the detector keeps anchors, proposals and box regression in fp32
+    (models/heads.py), so only convs/matmuls run in half precision."""
     if cfg.train.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.float16 if cfg.train.amp_dtype == "fp16" else torch.bfloat16)
     return nullcontext()
+
+
+def make_grad_scaler(cfg: Config, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling (dynamic, starting at train.loss_scale: the official configs' 512); bf16 and
+    fp32 do not (None)."""
+    if cfg.train.amp and cfg.train.amp_dtype == "fp16" and device.type == "cuda":
+        return torch.amp.GradScaler("cuda", init_scale=cfg.train.loss_scale)
+    return None
+
+
+FLOPS_NOTE = (
+    "torch.utils.flop_counter at data.image_size x data.image_size, batch 1, backbone forward only (ViT + adapter, "
+    "no FPN/task head). Counted: convolutions, linear layers/matmuls, and attention's two matmuls (QK^T and AV, "
+    "counted through the math SDPA kernel). Not counted: grid_sample (the deformable sampling), softmax, norms, "
+    "activations and other elementwise ops."
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,8 +438,10 @@ def _autocast(cfg: Config, device: torch.device):
 
 
 def count_flops(model: nn.Module, cfg: Config, device: torch.device) -> int | None:
-    """Forward FLOPs of one eval-size image (torch.utils.flop_counter: matmuls, convs, SDPA; grid_sample —
-    the deformable sampling — and elementwise ops are not counted)."""
+    """Forward FLOPs of one eval-size image (see FLOPS_NOTE). The fused CPU/flash SDPA kernels are invisible to
+    the flop counter (it counted 0 for attention), so attention runs through the math kernel here, whose QK^T
+    and AV matmuls are counted: 2 * 2 * B * heads * N^2 * head_dim."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     s = cfg.data.image_size
@@ -223,7 +449,7 @@ def count_flops(model: nn.Module, cfg: Config, device: torch.device) -> int | No
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
             backbone_of(model)(x)  # backbone only: detection heads' proposal counts make head FLOPs data-dependent
         return int(fc.get_total_flops())
     finally:
@@ -259,6 +485,7 @@ def to_device(batch: Any, task: str, device: torch.device) -> tuple[Any, Any]:
     return images.to(device), targets.to(device)
 
 
+@releases_run_locks  # the one-writer lock goes with this call, however it ends
 def train(
     cfg: Config,
     out: str | Path,
@@ -274,8 +501,12 @@ def train(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
-    d = init_distributed(device)
+    d = init_distributed(device, cfg.train.dist_timeout_s)
     seed = cfg.train.seed
+    micro_batch = per_process_batch(cfg, d.world)  # bad global batch for this world size: fail before any output
+    if device.type == "cuda":  # TF32 matmuls/convs, as the paper's torch 1.9 ran by default (train.tf32)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
 
     # Everything that can fail on bad input happens before the run directory is created.
     set_determinism(seed, cfg.train.deterministic)
@@ -283,20 +514,21 @@ def train(
     model = build_model(cfg)
     load_report = load_pretrained(model, cfg)
     model.to(device)
-    if d.world > 1 and cfg.model.norm == "syncbn":
+    if use_syncbn(cfg, d.world, device):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     backbone = backbone_of(model)
     optimizer = build_optimizer(model, cfg.optim, num_layers=backbone.depth)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_iters)
-    identity = config_hash(cfg, exclude=EXECUTION_KEYS)  # resumable with other threads/device/paths
+    # Content identity (engine/identity.py): the config without execution-only keys (so a run resumes with other
+    # threads/device/paths) plus the digests of the code, data and weights it reads.
+    identity, inputs = run_identity(cfg)
 
     run: RunDir | None = open_run_dir(out, identity, resume=resume, overwrite=overwrite) if d.main else None
     if d.world > 1:
         dist.barrier()
     start_it, history, log_rows = 0, [], []
-    ckpt_path = RunDir(Path(out)).latest_checkpoint()
-    if resume and ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, model)
+    ckpt = newest_readable_checkpoint(RunDir(Path(out)), model) if resume else None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -307,7 +539,14 @@ def train(
 
     if run is not None:
         save_config(cfg, run.path("config.yaml"))
-        meta = run_metadata() | {"seed": seed, "config_hash": identity, "world_size": d.world, "device": str(device)}
+        meta = run_metadata() | {
+            "seed": seed,
+            "config_hash": config_hash(cfg, exclude=EXECUTION_KEYS),
+            "identity": identity,
+            "inputs": inputs,
+            "world_size": d.world,
+            "device": str(device),
+        }
         if load_report is not None:
             meta["pretrained"] = {"source": cfg.weights.source, "report": load_report.summary()}
         meta["resumed_from_iteration"] = start_it
@@ -315,24 +554,44 @@ def train(
 
     net: nn.Module = LossModule(model)
     if d.world > 1:
-        # Some variants hold parameters that a step does not touch (Variant 2 keeps the SPM's stride-4 projection
-        # for parameter parity with the paper, but its baseline neck never reads it).
+        # Only variants with parameters a step does not touch pay for the unused-parameter search (Variant 2 keeps
+        # the SPM's stride-4 projection for parameter parity with the paper, but its baseline neck never reads it).
         net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+            net,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=backbone.has_unused_parameters,
         )
     net.train()
 
-    stop = {"flag": False}
+    stop: dict[str, Any] = {"flag": False, "signum": None}
     old_handlers = _install_signal_handlers(stop)
     log_file = run.path("log.jsonl") if run is not None else None
     if log_file is not None and log_file.exists():  # drop rows logged after the checkpoint we resume from
         rows = [r for r in log_file.read_text(encoding="utf-8").splitlines() if json.loads(r)["iter"] <= start_it]
         log_file.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
     train_time, train_images = 0.0, 0
-    # data.batch_size is per micro-batch; one optimiser step sees batch_size * grad_accum images per rank.
-    batches = iteration_batches(
-        len(train_set), cfg.data.batch_size * cfg.train.grad_accum, seed, start_it, cfg.train.max_iters, d
-    )
+    # data.batch_size is the global batch: each rank's step holds micro_batch * grad_accum images.
+    accum = cfg.train.grad_accum
+    order_fn = None
+    if cfg.data.group_by_aspect and cfg.model.task == "det":
+        groups = aspect_groups(train_set)
+        order_fn = functools.partial(grouped_epoch_order, groups, micro_batch, seed)
+
+    def schedule() -> Iterator[tuple[int, int, list[int]]]:  # pure function of (seed, epoch): same on resume
+        return iteration_batches(
+            len(train_set), micro_batch * accum, seed, start_it, cfg.train.max_iters, d, order_fn=order_fn
+        )
+
+    def micro_batches(indices: list[int]) -> list[list[int]]:
+        if order_fn is not None:  # grouped: each micro-batch is one same-aspect chunk
+            return [indices[k * micro_batch : (k + 1) * micro_batch] for k in range(accum)]
+        return [indices[k::accum] for k in range(accum)]
+
+    batches = schedule()
+    loaded = _worker_batches(cfg, train_set, collate, schedule(), micro_batches, device, seed)
+    scaler = make_grad_scaler(cfg, device)
+    if scaler is not None and ckpt is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
     bar = tqdm(
         total=cfg.train.max_iters, initial=start_it, disable=not (progress and d.main), desc="train", leave=False
     )
@@ -344,19 +603,29 @@ def train(
                 train_set.set_epoch(epoch)
                 current_epoch = epoch
             optimizer.zero_grad(set_to_none=True)
-            accum = cfg.train.grad_accum
-            micro = [indices[k::accum] for k in range(accum)]  # this rank's batch in `accum` micro-batches
+            micro = micro_batches(indices)  # this rank's batch in `accum` micro-batches
             for k, part in enumerate(micro):
                 sync = k == accum - 1 or d.world == 1
+                # num_workers 0: load here, in order; else the DataLoader's next batch (the same indices).
+                data = collate([train_set[i] for i in part]) if loaded is None else next(loaded)
                 with nullcontext() if sync else net.no_sync(), _autocast(cfg, device):
-                    losses = net(*to_device(collate([train_set[i] for i in part]), cfg.model.task, device))
+                    losses = net(*to_device(data, cfg.model.task, device))
                 loss = losses["loss"]
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at iteration {it + 1}")
-                (loss / accum).backward()
+                    raise DivergedError(f"loss is {loss.item()}", it + 1, cfg)
+                if scaler is None:
+                    (loss / accum).backward()
+                else:
+                    scaler.scale(loss / accum).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients; steps with inf/nan gradients are skipped
             if cfg.optim.clip_grad:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
             train_time += time.perf_counter() - t0
             train_images += len(indices) * d.world
@@ -371,20 +640,23 @@ def train(
                         f.write(json.dumps(row) + "\n")
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             if done % cfg.train.eval_interval == 0 or done == cfg.train.max_iters:
+                metrics = evaluate(model, val_set, collate, cfg, device, d)  # every rank: its shard
                 if d.main:
-                    history.append({"iter": done, **evaluate(model, val_set, collate, cfg, device)})
+                    history.append({"iter": done, **metrics})
                     if hooks.after_eval is not None:
                         hooks.after_eval(done, history[-1])
                 if d.world > 1:
                     dist.barrier()
             if done % cfg.train.checkpoint_interval == 0 or done == cfg.train.max_iters:
-                _save_checkpoint(run, model, optimizer, scheduler, done, history, d)
+                if (bad := _first_non_finite(model)) is not None:  # never checkpoint a diverged state
+                    raise DivergedError(f"weights {bad} are not finite", done, cfg)
+                _save_checkpoint(run, model, optimizer, scheduler, done, history, d, scaler=scaler)
             if hooks.after_iteration is not None:
                 hooks.after_iteration(done)
             if _KILL_AFTER and done == int(_KILL_AFTER):  # test hook: die like `kill -9` at a known point
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop["flag"]:
-                raise StopTraining(f"stopped by signal after iteration {done}")
+                raise StopTraining(_stop_message(out, done, stop["signum"]), signum=stop["signum"])
     finally:
         bar.close()
         _restore_signal_handlers(old_handlers)
@@ -398,8 +670,7 @@ def train(
         costs = {
             "params": {**n_params, "head": total - n_params["vit"] - n_params["adapter"], "total": total},
             "flops_backbone_forward": count_flops(model, cfg, device),
-            "flops_note": "torch.utils.flop_counter at data.image_size, batch 1, backbone forward; grid_sample "
-            "(deformable sampling), softmax and elementwise ops are not counted",
+            "flops_note": FLOPS_NOTE,
             "train_images_per_s": train_images / train_time if train_time else None,
             "train_s_per_iter": train_time / max(1, cfg.train.max_iters - start_it),
             "peak_memory_mb": peak_memory_mb(device),
@@ -417,7 +688,28 @@ def train(
     return final
 
 
-def _save_checkpoint(run: RunDir | None, model, optimizer, scheduler, it: int, history: list, d: Dist) -> None:
+def _stop_message(out: str | Path, done: int, signum: int | None) -> str:
+    name = signal.Signals(signum).name if signum else "a hook"
+    ckpts = RunDir(Path(out)).checkpoints()
+    if not ckpts:
+        return f"interrupted by {name} after iteration {done} before the first checkpoint; rerunning starts over"
+    return (
+        f"interrupted by {name} after iteration {done}; {RunDir(Path(out)).work} keeps the checkpoint of "
+        f"iteration {ckpts[-1][0]}: resume with the same command"
+    )
+
+
+def _first_non_finite(model: nn.Module) -> str | None:
+    """Name of the first parameter or buffer holding NaN/inf (a finite loss can still leave such weights)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _save_checkpoint(
+    run: RunDir | None, model, optimizer, scheduler, it: int, history: list, d: Dist, *, scaler=None
+) -> None:
     states = [None] * d.world
     if d.world > 1:
         dist.all_gather_object(states, rng_state())
@@ -434,6 +726,8 @@ def _save_checkpoint(run: RunDir | None, model, optimizer, scheduler, it: int, h
         "rng": states,
         "architecture": architecture_signature(model),
     }
+    if scaler is not None:  # fp16: the dynamic loss scale is training state too (exact resume)
+        ckpt["scaler"] = scaler.state_dict()
     atomic_torch_save(ckpt, run.checkpoint_path(it))
     run.prune_checkpoints(keep=2)
 
@@ -448,6 +742,7 @@ def _install_signal_handlers(stop: dict[str, bool]) -> dict[int, Any]:
 
     def handler(signum, frame):  # noqa: ARG001
         stop["flag"] = True
+        stop["signum"] = signum
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         old[sig] = signal.signal(sig, handler)

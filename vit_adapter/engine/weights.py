@@ -288,6 +288,28 @@ def fetch_weights(source: str | Path, out: str | Path, sha256: str | None = None
     return out
 
 
+def verify_file_sha256(path: str | Path, sha256: str | None, key: str = "sha256") -> Path:
+    """Check a configured digest against a local weights file; returns `path`.
+
+    It matches the file itself, or the input it was converted from when the sidecar says so and the sidecar's
+    output digest is this file's (so a digest copied from `fetch-weights --sha256` keeps working)."""
+    path = Path(path)
+    sha = _normalise_sha(sha256)
+    if sha is None:
+        return path
+    actual = sha256_file(path)
+    if actual == sha:
+        return path
+    side = sidecar_path(path)
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
+    except (OSError, ValueError):
+        meta = {}
+    if isinstance(meta, dict) and meta.get("output_sha256") == actual and meta.get("input_sha256") == sha:
+        return path
+    raise WeightsError(f"{key} mismatch for {path}: expected {sha}, got {actual}")
+
+
 def load_weights(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor]:
     """Read a fetched .safetensors; with `verify`, check it against the digest in its sidecar."""
     path = Path(path)

@@ -1,17 +1,18 @@
 """ViT-Adapter (Chen et al., ICLR 2023) with one constructor flag per ablation.
 
-Parts (facts §1.2-§1.6): a spatial prior module (SPM) turns the image into multi-scale features ``c``; in each of
+Parts (reference §1.2-§1.6): a spatial prior module (SPM) turns the image into multi-scale features ``c``; in each of
 N interactions an *injector* writes ``c`` into the ViT tokens (cross-attention scaled by a learnable γ), a group of
 ViT blocks runs, and an *extractor* reads the tokens back into ``c`` (cross-attention + ConvFFN). Outputs are four
-maps at strides 4/8/16/32. With N = 0 and every part off, the model is the paper's ViT baseline (facts §1.0).
+maps at strides 4/8/16/32. With N = 0 and every part off, the model is the paper's ViT baseline (reference §1.0).
 The ablation rows and their flags are documented in ``docs/ablations.md``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import MSDeformAttn, build_cross_attention
 from .baseline import BaselineNeck
-from .vit import PlainViT
+from .vit import PlainViT, block_indices
 
 Shapes = tuple[tuple[int, int], ...]
 
@@ -29,7 +30,7 @@ Shapes = tuple[tuple[int, int], ...]
 def _norm2d(kind: str, channels: int) -> nn.Module:
     if kind == "bn":
         return nn.BatchNorm2d(channels)
-    if kind == "syncbn":  # falls back to BatchNorm when no process group is running (facts §4.5)
+    if kind == "syncbn":  # falls back to BatchNorm when no process group is running (reference §4.5)
         return nn.SyncBatchNorm(channels)
     raise ValueError(f"norm must be 'bn' or 'syncbn', got {kind!r}")
 
@@ -43,7 +44,7 @@ def _tokens(x: Tensor) -> Tensor:
 
 
 class SpatialPriorModule(nn.Module):
-    """Convolutional stem → features at strides 4/8/16/32, each projected to ``dim`` by a 1x1 conv (facts §1.2)."""
+    """Convolutional stem → features at strides 4/8/16/32, each projected to ``dim`` by a 1x1 conv (reference §1.2)."""
 
     def __init__(self, *, inplanes: int = 64, dim: int = 384, norm: str = "bn") -> None:
         super().__init__()
@@ -63,7 +64,11 @@ class SpatialPriorModule(nn.Module):
         self.fc4 = nn.Conv2d(4 * c, dim, 1)
 
     def forward(self, image: Tensor, patches: Tensor) -> list[Tensor]:
-        c1 = self.stem(image)
+        # Channels-last activations: oneDNN's fp32 convolutions (forward and backward), BatchNorm and max-pool run
+        # faster in NHWC on CPU (docs/performance.md), and the 1x1 fc outputs are then already (B, H*W, D) token
+        # order, so flattening them into tokens is a view. Same function; only the rounding order differs
+        # (tests/test_speed_equivalence.py judges it against float64). One copy of the 3-channel image.
+        c1 = self.stem(image.contiguous(memory_format=torch.channels_last))
         c2 = self.conv2(c1)
         c3 = self.conv3(c2)
         c4 = self.conv4(c3)
@@ -90,7 +95,7 @@ class PatchPrior(nn.Module):
 
 
 class ConvFFN(nn.Module):
-    """Linear → depthwise 3x3 conv on each of the three token maps → GELU → Linear (facts §1.5)."""
+    """Linear → depthwise 3x3 conv on each of the three token maps → GELU → Linear (reference §1.5)."""
 
     def __init__(self, *, dim: int, hidden: int, drop: float = 0.0) -> None:
         super().__init__()
@@ -114,7 +119,7 @@ class ConvFFN(nn.Module):
 
 
 class Injector(nn.Module):
-    """x ← x + γ ⊙ Attn(LN(x), LN(c)) with γ initialised to ``gamma_init`` (0 in the paper, facts §1.4)."""
+    """x ← x + γ ⊙ Attn(LN(x), LN(c)) with γ initialised to ``gamma_init`` (0 in the paper, reference §1.4)."""
 
     def __init__(
         self, *, dim: int, n_heads: int, n_points: int, deform_ratio: float, gamma_init: float, attention: str
@@ -133,7 +138,7 @@ class Injector(nn.Module):
 
 
 class Extractor(nn.Module):
-    """c ← c + Attn(LN(c), LN(x)); then c ← c + DropPath(ConvFFN(LN(c))) when ``with_cffn`` (facts §1.5)."""
+    """c ← c + Attn(LN(c), LN(x)); then c ← c + DropPath(ConvFFN(LN(c))) when ``with_cffn`` (reference §1.5)."""
 
     def __init__(
         self,
@@ -166,14 +171,63 @@ class Extractor(nn.Module):
         return c
 
 
-class InteractionBlock(nn.Module):
-    """Injector → blocks[start:stop] → extractor (+ extra extractors). Disabled parts are ``None``."""
+class PassThrough(nn.Identity):
+    """A disabled part: takes the inputs of the part it stands for and returns the first one unchanged.
 
-    def __init__(self, *, start: int, stop: int, injector: Injector | None, extractors: Sequence[Extractor]) -> None:
+    ``nn.Identity`` (timm's idiom) accepts one input; injectors are called with four. No parameters, so the
+    state-dict keys are those of a model without the part.
+    """
+
+    def forward(self, x: Tensor, *args: Any) -> Tensor:
+        return x
+
+
+def _maybe_cp(module: nn.Module, with_cp: bool, *args: Any) -> Any:
+    """``module(*args)``, under gradient checkpointing when ``with_cp`` and the first input needs a gradient."""
+    if with_cp and args[0].requires_grad and not isinstance(module, PassThrough):  # nothing to recompute
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+class InteractionBlock(nn.Module):
+    """Injector → ViT blocks[start:stop] → extractor (+ extra extractors); a disabled injector is a ``PassThrough``.
+
+    The ViT blocks stay in ``ViTAdapter.vit`` (one ViT whose keys match the pretrained checkpoints), so
+    ``forward`` receives the function that runs a range of them and returns the tapped tokens with ``x`` and ``c``.
+    """
+
+    def __init__(
+        self,
+        *,
+        start: int,
+        stop: int,
+        injector: Injector | None,
+        extractors: Sequence[Extractor],
+        with_cp: bool = False,
+    ) -> None:
         super().__init__()
         self.start, self.stop = start, stop
-        self.injector = injector
+        self.injector = injector if injector is not None else PassThrough()
         self.extractors = nn.ModuleList(extractors)
+        self.with_cp = with_cp
+
+    def forward(
+        self,
+        x: Tensor,
+        c: Tensor | None,
+        *,
+        run_blocks: Callable[[Tensor, int, int], tuple[Tensor, list[Tensor]]],
+        ref_inj: Tensor,
+        ref_ext: Tensor,
+        c_shapes: Shapes,
+        vit_shape: Shapes,
+    ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+        cp = self.with_cp and self.training
+        x = _maybe_cp(self.injector, cp, x, c, ref_inj, c_shapes)
+        x, taps = run_blocks(x, self.start, self.stop)
+        for ext in self.extractors:
+            c = _maybe_cp(ext, cp, c, x, ref_ext, vit_shape, c_shapes)
+        return x, c, taps
 
 
 class ViTAdapter(nn.Module):
@@ -189,11 +243,11 @@ class ViTAdapter(nn.Module):
       injector:         'attention' (paper), 'add' (Variant 1: prior maps added to the baseline neck's outputs),
                         'none'.
       use_extractor:    extractors (and the extra ones) on/off.
-      output_neck:      'adapter' (prior maps + ConvTranspose + ViT features + BN) or 'baseline' (facts §1.0).
+      output_neck:      'adapter' (prior maps + ConvTranspose + ViT features + BN) or 'baseline' (reference §1.0).
       attention:        'deformable' (paper) or 'dense' (standard multi-head attention, Table 7 "Global").
       n_interactions:   N; the depth is split into N equal groups. N = 0 runs the ViT alone.
       gamma_init, cffn_ratio, with_cffn, n_points, deform_ratio, extra_extractors: as in the official code.
-      add_vit_feature:  add ViT features to the adapter outputs; ``task`` picks which (facts §1.6):
+      add_vit_feature:  add ViT features to the adapter outputs; ``task`` picks which (reference §1.6):
                         'det' = the final tokens at every level, 'seg' = tokens after blocks depth*k/4 - 1.
     """
 
@@ -272,7 +326,7 @@ class ViTAdapter(nn.Module):
         blocks = []
         for i in range(n_interactions):
             inj = Injector(**attn_kw, gamma_init=gamma_init, attention=attention) if injector == "attention" else None
-            # Extractor drop-path is the constant rate, as in the official code (facts §1.5, [I#167]).
+            # Extractor drop-path is the constant rate, as in the official code (reference §1.5, [I#167]).
             n_ext = (1 + (extra_extractors if i == n_interactions - 1 else 0)) if use_extractor else 0
             blocks.append(
                 InteractionBlock(
@@ -280,6 +334,7 @@ class ViTAdapter(nn.Module):
                     stop=(i + 1) * group,
                     injector=inj,
                     extractors=[Extractor(**ext_kw) for _ in range(n_ext)],
+                    with_cp=with_cp,
                 )
             )
         self.interactions = nn.ModuleList(blocks)
@@ -287,7 +342,6 @@ class ViTAdapter(nn.Module):
         if output_neck == "adapter":
             self.up = nn.ConvTranspose2d(embed_dim, embed_dim, 2, 2)
             self.out_norms = nn.ModuleList(_norm2d(norm, embed_dim) for _ in range(4))
-            self.baseline_neck = None
         else:
             self.baseline_neck = BaselineNeck(dim=embed_dim)
         self.out_channels = [embed_dim] * 4
@@ -296,7 +350,7 @@ class ViTAdapter(nn.Module):
 
     # -- initialisation ----------------------------------------------------------------------------------
     def _init_adapter_weights(self) -> None:
-        """Official init for everything outside the ViT (facts §1.2), then MSDeformAttn's own reset."""
+        """Official init for everything outside the ViT (reference §1.2), then MSDeformAttn's own reset."""
         for name, m in self.named_modules():
             if name.startswith("vit.") or name == "vit":
                 continue
@@ -320,16 +374,40 @@ class ViTAdapter(nn.Module):
 
     # -- inspection ---------------------------------------------------------------------------------------
     def param_breakdown(self) -> dict[str, int]:
-        """{'vit': plain ViT, 'adapter': everything else in the backbone} (facts §1.8)."""
+        """{'vit': plain ViT, 'adapter': everything else in the backbone} (reference §1.8)."""
         vit = sum(p.numel() for p in self.vit.parameters())
         total = sum(p.numel() for p in self.parameters())
         return {"vit": vit, "adapter": total - vit}
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        """Whether a training step leaves some parameters without a gradient, so that DDP needs
+        ``find_unused_parameters``. Only the adapter neck reads ``c`` at the end and the stride-4 prior map (as
+        does Variant 1's 'add'); with the baseline neck the SPM's ``fc1`` and the last extractors feed nothing.
+        ``tests/test_model.py`` checks this against the gradients of one step for every overlay."""
+        if self.output_neck == "adapter":
+            # Without extractors and ViT features the outputs are the prior maps alone: the ViT feeds nothing.
+            return not self.add_vit_feature and not any(len(b.extractors) for b in self.interactions)
+        spm_c1_unused = isinstance(self.prior, SpatialPriorModule) and self.injector_kind != "add"
+        return spm_c1_unused or any(len(b.extractors) for b in self.interactions)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay besides norms and biases: the level and position embeddings (the
+        names the official configs list, reference §2)."""
+        names = {f"vit.{n}" for n in self.vit.no_weight_decay()}
+        return names | ({"level_embed"} if self.level_embed is not None else set())
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm-style groups for layer-wise lr decay: ViT embedding, ViT blocks; the adapter parts follow last."""
+        vit = self.vit.group_matcher(coarse)
+        blocks = r"^vit\.blocks\.(\d+)" if coarse else [(r"^vit\.blocks\.(\d+)", None)]
+        return {"stem": vit["stem"].replace("^", "^vit\\."), "blocks": blocks}
 
     # -- geometry -----------------------------------------------------------------------------------------
     def deform_inputs(
         self, h: int, w: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[Tensor, Tensor, Shapes, Shapes]:
-        """Reference points and level shapes for the injector and the extractor (facts §1.3), cached per size."""
+        """Reference points and level shapes for the injector and the extractor (reference §1.3), cached per size."""
         key = (h, w, device, dtype)
         if key not in self._deform_cache:
             s = self.vit.patch_size
@@ -345,6 +423,29 @@ class ViTAdapter(nn.Module):
         return self.forward_features(x)
 
     def forward_features(self, image: Tensor) -> list[Tensor]:
+        """The four output maps at strides 4/8/16/32."""
+        return self._forward(image, self.tap_indices)[0]
+
+    def forward_intermediates(
+        self,
+        image: Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        output_fmt: Literal["NCHW", "NLC"] = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[list[Tensor], list[Tensor]]:
+        """timm-style taps: the ViT tokens after the blocks in ``indices`` (None = every block, an int n = the
+        last n), as (B, D, H/16, W/16) maps or (B, N, D) tokens, with the four output maps unless
+        ``intermediates_only``. The outputs are those of ``forward`` (tapping only keeps references)."""
+        take = block_indices(indices, self.depth)
+        outs, taps = self._forward(image, take)
+        tapped = [taps[i] for i in take]
+        if output_fmt == "NCHW":
+            b, (h, w) = image.shape[0], (s // self.vit.patch_size for s in image.shape[-2:])
+            tapped = [t.transpose(1, 2).reshape(b, self.embed_dim, h, w) for t in tapped]
+        return tapped if intermediates_only else (outs, tapped)
+
+    def _forward(self, image: Tensor, indices: Sequence[int]) -> tuple[list[Tensor], dict[int, Tensor]]:
         b, _, h, w = image.shape
         if h % 32 or w % 32:
             raise ValueError(f"input height and width must be multiples of 32 (got {h}x{w}); pad the image first")
@@ -358,27 +459,25 @@ class ViTAdapter(nn.Module):
         if priors is not None and self.level_embed is not None:
             c = torch.cat([_tokens(p) + self.level_embed[i] for i, p in enumerate(priors[1:])], dim=1)
 
-        taps: dict[int, Tensor] = dict.fromkeys(self.tap_indices)  # filled in place by run_blocks
+        # The outputs' own taps plus the requested ones, in block order; each range returns its taps.
+        want = sorted(set(self.tap_indices) | set(indices))
+        run_blocks = partial(self.vit.forward_blocks, grid=grid, indices=want)
+        tapped: list[Tensor] = []
         if not self.interactions:
-            x = self.vit.run_blocks(x, 0, self.depth, grid, taps)
+            x, tapped = run_blocks(x, 0, self.depth)
         for blk in self.interactions:
-            if blk.injector is not None:
-                x = self._maybe_cp(blk.injector, x, c, ref_inj, c_shapes)
-            x = self.vit.run_blocks(x, blk.start, blk.stop, grid, taps)
-            for ext in blk.extractors:
-                c = self._maybe_cp(ext, c, x, ref_ext, vit_shape, c_shapes)
+            x, c, t = blk(
+                x, c, run_blocks=run_blocks, ref_inj=ref_inj, ref_ext=ref_ext, c_shapes=c_shapes, vit_shape=vit_shape
+            )
+            tapped += t
+        taps = dict(zip(want, tapped))
 
-        if self.baseline_neck is not None:
+        if self.output_neck == "baseline":
             outs = self.baseline_neck([taps[i] for i in self.tap_indices], grid)
             if self.injector_kind == "add":  # Variant 1: prior maps added at matching strides
                 outs = [o + p for o, p in zip(outs, priors)]
-            return outs
-        return self._adapter_outputs(x, c, priors, taps, grid, c_shapes)
-
-    def _maybe_cp(self, module: nn.Module, *args):
-        if self.with_cp and self.training and args[0].requires_grad:
-            return checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
+            return outs, taps
+        return self._adapter_outputs(x, c, priors, taps, grid, c_shapes), taps
 
     def _adapter_outputs(
         self,

@@ -19,7 +19,7 @@ Shapes = Sequence[tuple[int, int]]
 
 
 class MSDeformAttn(nn.Module):
-    """Multi-scale deformable attention with the official projections and initialisation (facts §1.7)."""
+    """Multi-scale deformable attention with the official projections and initialisation (reference §1.7)."""
 
     def __init__(self, *, dim: int, n_levels: int, n_heads: int, n_points: int = 4, ratio: float = 1.0) -> None:
         super().__init__()
@@ -68,7 +68,7 @@ class MSDeformAttn(nn.Module):
         )
         offsets = proj[..., :n_off].view(b, lq, self.n_heads, self.n_levels, self.n_points, 2)
         weights = proj[..., n_off:].view(b, lq, self.n_heads, self.n_levels * self.n_points)
-        # Softmax jointly over levels x points per head (facts §1.7).
+        # Softmax jointly over levels x points per head (reference §1.7).
         weights = weights.softmax(-1).view(b, lq, self.n_heads, self.n_levels, self.n_points)
         # Offsets are in pixels of each level: normalise x by its width and y by its height (one fused op).
         norm = offsets.new_tensor([[w, h] for h, w in spatial_shapes])

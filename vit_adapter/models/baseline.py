@@ -1,4 +1,4 @@
-"""The paper's ViT-baseline output neck (facts §1.0): a simple feature pyramid from four depth quarters."""
+"""The paper's ViT-baseline output neck (reference §1.0): a simple feature pyramid from four depth quarters."""
 
 from __future__ import annotations
 

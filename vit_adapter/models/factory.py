@@ -1,4 +1,4 @@
-"""Named presets and ``create_model``: official sizes T/S/B/L (facts §2), the paper's ViT baselines, a CPU preset."""
+"""Named presets and ``create_model``: official sizes T/S/B/L (reference §2), the paper's ViT baselines, CPU preset."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from .adapter import ViTAdapter
 
-# Official defaults per size (facts §2): D, depth, heads, deform heads, deform_ratio, drop_path, pretrain size.
+# Official defaults per size (reference §2): D, depth, heads, deform heads, deform_ratio, drop_path, pretrain size.
 _SIZES: dict[str, dict[str, Any]] = {
     "t": dict(embed_dim=192, depth=12, num_heads=3, deform_num_heads=6, deform_ratio=1.0, drop_path_rate=0.1),
     "s": dict(embed_dim=384, depth=12, num_heads=6, deform_num_heads=6, deform_ratio=1.0, drop_path_rate=0.2),
@@ -34,10 +34,10 @@ _SIZES: dict[str, dict[str, Any]] = {
     ),
 }
 
-# The paper's ViT baseline (facts §1.0): N = 0, no prior, baseline neck; its configs use drop_path 0.1 (facts §2).
+# The paper's ViT baseline (reference §1.0): N = 0, no SPM, baseline neck; drop_path 0.1 in its configs (reference §2).
 _BASELINE = dict(n_interactions=0, use_spm=False, injector="none", use_extractor=False, output_neck="baseline")
 
-# Pretrained ViT each official preset starts from (facts §2); a local file is always accepted instead.
+# Pretrained ViT each official preset starts from (reference §2); a local file is always accepted instead.
 PRETRAINED = {
     "t": "deit_tiny_patch16_224.fb_in1k",
     "s": "deit_small_patch16_224.fb_in1k",
@@ -56,7 +56,7 @@ def preset_kwargs(name: str, task: str = "det") -> dict[str, Any]:
     if kind not in ("vit_adapter", "vit") or size not in _SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(preset_names())}")
     kw: dict[str, Any] = dict(_SIZES[size], task=task)
-    # Windowed attention is the detection setting; ADE20K configs use global attention (facts §1.1).
+    # Windowed attention is the detection setting; ADE20K configs use global attention (reference §1.1).
     kw["window_attn"] = task == "det" and size != "cpu"
     if kind == "vit":
         kw.update(_BASELINE, drop_path_rate=0.1 if size != "cpu" else kw["drop_path_rate"])

@@ -1,13 +1,13 @@
 """Dense-prediction heads on top of a 4-level backbone (strides 4/8/16/32, ``D`` channels each).
 
-Segmentation (our own code, mmseg semantics; facts §2 "ADE20K UperNet", facts §6 "Semantic FPN"):
+Segmentation (our own code, mmseg semantics; reference §2 "ADE20K UperNet", reference §6 "Semantic FPN"):
 
 * :class:`UperNetHead` -- PPM on the last level + FPN laterals/fpn convs + fused 3x3 bottleneck, as mmseg's
   ``UPerHead`` (channels 512, pool scales 1/2/3/6, dropout 0.1), logits at stride 4.
-* :class:`FCNHead` -- auxiliary head on ``in_index=2`` (channels 256, 1 conv, loss weight 0.4; facts §2).
+* :class:`FCNHead` -- auxiliary head on ``in_index=2`` (channels 256, 1 conv, loss weight 0.4; reference §2).
 * :class:`SemanticFPNHead` -- mmseg ``FPN`` neck (256 channels, 4 outputs, plain convs with bias) +
   ``FPNHead`` (per-level 3x3 conv-norm-ReLU stacks upsampling to 1/4, channels 128, summed, dropout 0.1),
-  PVT's setup (facts §6).
+  PVT's setup (reference §6).
 * :class:`SegmentationModel` -- backbone + decode head (+ aux head); bilinear (align_corners=False)
   upsampling to the input size; cross-entropy with ``ignore_index=255``.
 
@@ -18,7 +18,7 @@ ViT-Adapter configs).
 
 Parameter parity (``sum(p.numel())``, head = everything except the backbone; in_channels = [D]*4)
 --------------------------------------------------------------------------------------------------
-Mask R-CNN, 80 classes (facts §1.8: Mask R-CNN total [C] minus ViT [C] minus adapter [C]):
+Mask R-CNN, 80 classes (reference §1.8: Mask R-CNN total [C] minus ViT [C] minus adapter [C]):
 
 =====  ===================================  ========
 D      paper-implied head (M)               ours (M)
@@ -47,14 +47,16 @@ D      UperNet+aux [P]   implied (T10 / [C])   ours      Sem. FPN [P]      impli
 UperNet+aux = UPerHead (PPM 4x(D*512+1024), bottleneck (D+2048)*512*9, 3 laterals, 3 fpn convs, fused
 2048->512 3x3, classifier) + FCNHead (D->256 3x3 + BN, classifier). The paper's segmentation totals match
 ours within the rounding (0.05 M) when the backbone is taken from [P] Table 10, which is where they were
-evidently computed; against the [C] backbone the B rows are 0.27/0.32 M off, the same +0.32 M that facts
+evidently computed; against the [C] backbone the B rows are 0.27/0.32 M off, the same +0.32 M that reference
 §1.8 notes for Table 10's B adapter count. So the head arithmetic agrees with the paper.
 
-Known deviations from mmdet 2.22 that come with torchvision (kept, since the brief is "no hand-written
-RPN/RoI"): RPN/RoI box losses are smooth-L1 (beta 1/9) instead of mmdet's L1; ``MultiScaleRoIAlign`` uses
-``aligned=False`` (mmcv's RoIAlign is ``aligned=True``, a half-pixel shift); the RoI level mapping
-(canonical 224 at level 4) is the same as mmdet's ``finest_scale=56``. Eval masks are per-pixel
-probabilities (N,1,H,W); threshold at 0.5 as mmdet's ``mask_thr_binary``.
+mmdet 2.22 vs torchvision, selectable (head.box_loss, head.roi_align_aligned; the COCO paper profiles take mmdet's):
+RPN/RoI box losses are L1 in mmdet and smooth-L1 (beta 1/9) in torchvision, with the same normalisation (sampled
+anchors / sampled RoIs); mmcv's RoIAlign is ``aligned=True`` (a half-pixel shift), torchvision's
+``MultiScaleRoIAlign`` ``aligned=False``. The RoI level mapping (canonical 224 at level 4) is the same as mmdet's
+``finest_scale=56``. Under autocast, anchors, RPN deltas, proposals and RoI scores/deltas stay fp32 (torchvision
+would decode bf16 boxes: 4-px steps above 512 px); only the convs/matmuls run in half precision. Eval masks are
+per-pixel probabilities (N,1,H,W); threshold at 0.5 as mmdet's ``mask_thr_binary``.
 
 Determinism (CPU): torchvision's samplers draw with ``torch.randperm`` from the global RNG, so seed it; the
 CPU ``roi_align``/``nms`` kernels are deterministic (``batched_nms`` switches from the offset trick to a
@@ -66,6 +68,7 @@ torchvision switches to a slower compiled pure-PyTorch ``roi_align`` instead.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -75,14 +78,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import roi_heads as _tv_roi_heads
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 __all__ = [
     "FCNHead",
@@ -110,7 +115,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "bn":
         return nn.BatchNorm2d(channels)
     if kind == "syncbn":
-        # Needs an initialised process group at train time (facts §4.5); use "bn" for single-process runs.
+        # Needs an initialised process group at train time (reference §4.5); use "bn" for single-process runs.
         return nn.SyncBatchNorm(channels)
     raise ValueError(f"norm must be 'bn' or 'syncbn', got {kind!r}")
 
@@ -126,7 +131,7 @@ class ConvNormAct(nn.Sequential):
 
 
 def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    # mmseg configs use align_corners=False everywhere (facts §2).
+    # mmseg configs use align_corners=False everywhere (reference §2).
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
@@ -211,7 +216,7 @@ class UperNetHead(nn.Module):
 
 
 class FCNHead(nn.Module):
-    """FCN head on one level (mmseg ``FCNHead``); facts §2's auxiliary head (in_index 2, channels 256)."""
+    """FCN head on one level (mmseg ``FCNHead``); reference §2's auxiliary head (in_index 2, channels 256)."""
 
     def __init__(
         self,
@@ -277,7 +282,7 @@ class SegFPNNeck(nn.Module):
 
 
 class SemanticFPNHead(nn.Module):
-    """Semantic FPN = :class:`SegFPNNeck` + mmseg ``FPNHead`` (facts §6); logits at ``feature_strides[0]``."""
+    """Semantic FPN = :class:`SegFPNNeck` + mmseg ``FPNHead`` (reference §6); logits at ``feature_strides[0]``."""
 
     def __init__(
         self,
@@ -322,7 +327,7 @@ class SemanticFPNHead(nn.Module):
 class SegmentationModel(nn.Module):
     """Backbone + decode head (+ auxiliary head); mmseg ``EncoderDecoder`` training/inference semantics.
 
-    ``avg_non_ignore=False`` reproduces mmseg 0.20.2 (facts §2): the pixel-summed cross-entropy is divided by
+    ``avg_non_ignore=False`` reproduces mmseg 0.20.2 (reference §2): the pixel-summed cross-entropy is divided by
     *all* pixels, ignored ones included. ``True`` divides by the non-ignored count (later mmseg's
     ``avg_non_ignore``).
     Either way an all-ignore batch gives a loss of exactly 0.
@@ -451,8 +456,114 @@ class _FPNOverBackbone(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
 
 
+# --------------------------------------------------------------------------------------------------
+# Mask R-CNN pieces: mmdet-compatible box losses / RoIAlign, and box math kept in fp32 under autocast
+# --------------------------------------------------------------------------------------------------
+BoxLoss = Literal["smooth_l1", "l1"]
+
+
+def _box_loss(pred: Tensor, target: Tensor, kind: BoxLoss) -> Tensor:
+    """Summed box-regression loss: torchvision's smooth-L1 (beta 1/9) or mmdet 2.22's L1 (loss_weight 1)."""
+    pred, target = pred.float(), target.float()
+    if kind == "l1":
+        return F.l1_loss(pred, target, reduction="sum")
+    return F.smooth_l1_loss(pred, target, beta=1 / 9, reduction="sum")
+
+
+class _FP32RPNHead(RPNHead):
+    """RPN head whose outputs are fp32, so proposals are decoded in fp32 under autocast (a bf16 box above 512 px
+    is quantised to 4 px and more)."""
+
+    def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class _FP32Anchors(AnchorGenerator):
+    """Anchors in fp32 whatever the feature dtype (torchvision takes the anchors' dtype from the features)."""
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        # Zero-stride fp32 stand-ins: only shape, dtype and device of the feature maps are read.
+        shapes = [torch.empty((), device=f.device).expand(f.shape) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+
+class _FP32BoxPredictor(FastRCNNPredictor):
+    """Class scores and box deltas in fp32 (RoI box decoding, NMS and the box loss then run in fp32)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
+
+
+class _RPN(RegionProposalNetwork):
+    """torchvision's RPN with a selectable box loss (normalised by the sampled anchors, as both libraries)."""
+
+    box_loss: BoxLoss = "smooth_l1"
+
+    def compute_loss(
+        self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        if self.box_loss == "smooth_l1":
+            return super().compute_loss(objectness, pred_bbox_deltas, labels, regression_targets)
+        pos, neg = self.fg_bg_sampler(labels)
+        pos = torch.where(torch.cat(pos, dim=0))[0]
+        neg = torch.where(torch.cat(neg, dim=0))[0]
+        sampled = torch.cat([pos, neg], dim=0)
+        targets = torch.cat(regression_targets, dim=0)
+        box = _box_loss(pred_bbox_deltas[pos], targets[pos], self.box_loss) / sampled.numel()
+        obj = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], torch.cat(labels, dim=0)[sampled])
+        return obj, box
+
+
+# torchvision's RoIHeads calls the module-level ``fastrcnn_loss``; it is wrapped once so that a detector with
+# box_loss "l1" can select L1 for the duration of its own forward (a context variable: thread- and
+# model-local; every other caller keeps torchvision's loss unchanged).
+_ROI_BOX_LOSS: contextvars.ContextVar[BoxLoss] = contextvars.ContextVar("roi_box_loss", default="smooth_l1")
+_TV_FASTRCNN_LOSS = getattr(_tv_roi_heads.fastrcnn_loss, "__wrapped__", _tv_roi_heads.fastrcnn_loss)
+
+
+def _fastrcnn_loss(
+    class_logits: Tensor, box_regression: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    kind = _ROI_BOX_LOSS.get()
+    if kind == "smooth_l1":
+        return _TV_FASTRCNN_LOSS(class_logits, box_regression, labels, regression_targets)
+    labels_all = torch.cat(labels, dim=0)
+    targets = torch.cat(regression_targets, dim=0)
+    cls = F.cross_entropy(class_logits, labels_all)
+    pos = torch.where(labels_all > 0)[0]
+    deltas = box_regression.reshape(class_logits.shape[0], box_regression.size(-1) // 4, 4)
+    box = _box_loss(deltas[pos, labels_all[pos]], targets[pos], kind) / labels_all.numel()
+    return cls, box
+
+
+_fastrcnn_loss.__wrapped__ = _TV_FASTRCNN_LOSS  # type: ignore[attr-defined]
+_tv_roi_heads.fastrcnn_loss = _fastrcnn_loss
+
+
+class _AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """``MultiScaleRoIAlign`` with mmcv's ``RoIAlign(aligned=True)``: sampling points shifted by half a pixel
+    so that a box's corners fall on pixel corners. Same level mapping as torchvision (= mmdet finest_scale 56)."""
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        feats = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                feats, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        rois = _convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes)
+        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
+        for level, (feat, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.where(levels == level)[0]
+            pooled = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio, aligned=True)
+            out[idx] = pooled.to(out.dtype)
+        return out
+
+
 class MaskRCNNDetector(MaskRCNN):
-    """torchvision Mask R-CNN over a 4-level backbone, defaults = mmdet 2.x ``mask_rcnn_r50_fpn`` (facts §2).
+    """torchvision Mask R-CNN over a 4-level backbone, defaults = mmdet 2.x ``mask_rcnn_r50_fpn`` (reference §2).
 
     Targets follow torchvision: per image a dict with ``boxes`` (N,4) float xyxy in input pixels,
     ``labels`` (N,) int64 in ``[1, num_classes]`` (0 is background) and ``masks`` (N,H,W) uint8/bool.
@@ -488,6 +599,8 @@ class MaskRCNNDetector(MaskRCNN):
         roi_sampling_ratio: int = 0,
         size_divisible: int = 32,
         mmdet_init: bool = True,
+        box_loss: BoxLoss = "smooth_l1",
+        roi_align_aligned: bool = False,
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 (background excluded), got {num_classes}")
@@ -497,22 +610,25 @@ class MaskRCNNDetector(MaskRCNN):
             raise ValueError(f"mask_convs must be >= 1, got {mask_convs}")
         body = _FPNOverBackbone(backbone, fpn_channels)
         # mmdet anchors: scale 8 x strides 4..64 = 32..512, ratios 0.5/1/2 (ratio = h/w in both libraries).
-        anchors = AnchorGenerator(
+        if box_loss not in ("smooth_l1", "l1"):
+            raise ValueError(f"box_loss must be 'smooth_l1' or 'l1', got {box_loss!r}")
+        anchors = _FP32Anchors(
             sizes=tuple((int(s),) for s in anchor_sizes),
             aspect_ratios=(tuple(float(r) for r in aspect_ratios),) * 5,
         )
         levels = ["0", "1", "2", "3"]  # RoIs pool from strides 4..32 only, as mmdet's RoI extractor
-        box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=roi_sampling_ratio)
-        mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=roi_sampling_ratio)
+        pool = _AlignedMultiScaleRoIAlign if roi_align_aligned else MultiScaleRoIAlign
+        box_pool = pool(levels, output_size=7, sampling_ratio=roi_sampling_ratio)
+        mask_pool = pool(levels, output_size=14, sampling_ratio=roi_sampling_ratio)
         box_head = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
-        box_predictor = FastRCNNPredictor(representation_size, num_classes + 1)
+        box_predictor = _FP32BoxPredictor(representation_size, num_classes + 1)
         mask_head = MaskRCNNHeads(fpn_channels, [mask_channels] * mask_convs, dilation=1)
         mask_predictor = MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1)
         super().__init__(
             body,
             num_classes=None,
             rpn_anchor_generator=anchors,
-            rpn_head=RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]),
+            rpn_head=_FP32RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]),
             rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
             rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
             rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
@@ -534,6 +650,9 @@ class MaskRCNNDetector(MaskRCNN):
         )
         self.transform = _PadOnlyTransform(size_divisible)
         self.num_classes = num_classes
+        self.box_loss: BoxLoss = box_loss
+        self.rpn.__class__ = _RPN  # same state and construction; only compute_loss differs
+        self.rpn.box_loss = box_loss
         if mmdet_init:
             self._mmdet_init()
 
@@ -609,7 +728,11 @@ class MaskRCNNDetector(MaskRCNN):
         imgs = self._as_list(images)
         if self.training:
             self._check_targets(imgs, targets)
-        return super().forward(imgs, targets if self.training else None)
+        token = _ROI_BOX_LOSS.set(self.box_loss)
+        try:
+            return super().forward(imgs, targets if self.training else None)
+        finally:
+            _ROI_BOX_LOSS.reset(token)
 
     @contextlib.contextmanager
     def _heads_in_train_mode(self) -> Iterator[None]:
@@ -629,7 +752,9 @@ class MaskRCNNDetector(MaskRCNN):
         """torchvision's losses plus ``loss`` = their sum; works in train and eval mode."""
         imgs = self._as_list(images)
         self._check_targets(imgs, targets)
-        with self._heads_in_train_mode():
+        token = _ROI_BOX_LOSS.set(self.box_loss)
+        with self._heads_in_train_mode(), contextlib.ExitStack() as stack:
+            stack.callback(_ROI_BOX_LOSS.reset, token)
             image_list: ImageList
             image_list, tgts = self.transform(imgs, targets)
             feats = self.backbone(image_list.tensors)

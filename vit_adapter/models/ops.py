@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention core (facts §1.7), pure PyTorch with an optional mmcv backend.
+"""Multi-scale deformable attention core (reference §1.7), pure PyTorch with an optional mmcv backend.
 
 `ms_deform_attn` has the tensor contract of the official `ms_deform_attn_core_pytorch` and of mmcv's
 `multi_scale_deformable_attn_pytorch`:
@@ -14,10 +14,15 @@ official CUDA kernel does (`ms_deform_im2col_cuda.cuh`). The op always computes 
 like the official autograd Function's `custom_fwd(cast_inputs=float32)`.
 
 Backends:
-- "pytorch"   (default on CPU) the fast path below, a weighted `embedding_bag` over bilinear corners.
+- "cpp"       the compiled CPU kernel (`csrc/ms_deform_attn_cpu.cpp`, built on first use by `deform_ext`); forward
+              and backward per sampling point, OpenMP over (batch, query) forward and (batch, head) backward.
+- "pytorch"   the fast pure-PyTorch path below, a weighted `embedding_bag` over bilinear corners; the fallback.
 - "reference" the straightforward per-level `grid_sample` algorithm of the official repo; kept as the yardstick.
 - "mmcv"      mmcv's compiled `MultiScaleDeformableAttnFunction`; CUDA tensors only, optional extra.
-- "auto"      "mmcv" when it imports and the tensors are on CUDA, else "pytorch".
+- "auto"      CUDA: "mmcv" when it imports, else "pytorch". CPU: "cpp" when the kernel builds, else "pytorch".
+              `$VIT_ADAPTER_DEFORM_BACKEND` = auto | cpp | torch overrides what "auto" picks ("cpp" then fails
+              loudly if the kernel cannot be built). The first call that resolves "auto" prints one line naming the
+              backend.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import operator
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,10 +41,24 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["BACKENDS", "ms_deform_attn", "ms_deform_attn_reference", "ms_deform_attn_pytorch", "mmcv_available"]
+from . import deform_ext
 
-BACKENDS = ("auto", "pytorch", "reference", "mmcv")
-# The official module passes im2col_step=64 to the CUDA op (facts §1.7).
+__all__ = [
+    "BACKENDS",
+    "ENV_BACKEND",
+    "cpp_available",
+    "ms_deform_attn",
+    "ms_deform_attn_cpp",
+    "ms_deform_attn_reference",
+    "ms_deform_attn_pytorch",
+    "mmcv_available",
+    "resolve_backend",
+]
+
+BACKENDS = ("auto", "cpp", "pytorch", "reference", "mmcv")
+ENV_BACKEND = "VIT_ADAPTER_DEFORM_BACKEND"
+_ENV_CHOICES = {"auto": "auto", "cpp": "cpp", "torch": "pytorch", "pytorch": "pytorch"}
+# The official module passes im2col_step=64 to the CUDA op (reference §1.7).
 MMCV_IM2COL_STEP = 64
 
 SpatialShapes = Tensor | Sequence[Sequence[int]]
@@ -64,18 +84,58 @@ def ms_deform_attn(
     shapes = _shapes_as_tuples(spatial_shapes)
     _check_inputs(value, shapes, sampling_locations, attention_weights)
     if backend == "auto":
-        backend = "mmcv" if value.is_cuda and mmcv_available() else "pytorch"
+        backend = resolve_backend(value.device)
 
     # fp32 always (half/bf16 are upcast, like the official custom_fwd(cast_inputs=float32)); float64 stays.
     inputs = (value, sampling_locations, attention_weights)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
     value, sampling_locations, attention_weights = (t.to(dtype) for t in inputs)
     with torch.autocast(device_type=value.device.type, enabled=False):
+        if backend == "cpp":
+            return ms_deform_attn_cpp(value, shapes, sampling_locations, attention_weights)
         if backend == "pytorch":
             return ms_deform_attn_pytorch(value, shapes, sampling_locations, attention_weights)
         if backend == "reference":
             return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
         return _ms_deform_attn_mmcv(value, spatial_shapes, shapes, sampling_locations, attention_weights)
+
+
+def resolve_backend(device: torch.device | str = "cpu") -> str:
+    """The backend "auto" runs on ``device``, honouring ``$VIT_ADAPTER_DEFORM_BACKEND`` (auto | cpp | torch).
+
+    Read on every call (a dict lookup), so a test or a launcher can switch it; the choice is announced once per
+    (device type, backend) in the process.
+    """
+    device = torch.device(device)
+    raw = os.environ.get(ENV_BACKEND, "").strip().lower() or "auto"
+    if raw not in _ENV_CHOICES:
+        raise ValueError(f"{ENV_BACKEND}={raw!r}; expected one of auto, cpp, torch")
+    choice = _ENV_CHOICES[raw]
+    if device.type == "cuda":  # the compiled kernel is CPU-only; "cpp" there means "not mmcv"
+        backend = "mmcv" if choice == "auto" and mmcv_available() else "pytorch"
+    elif choice == "auto":
+        backend = "cpp" if cpp_available() else "pytorch"
+    else:
+        backend = choice
+        if backend == "cpp" and not cpp_available():
+            raise RuntimeError(f"{ENV_BACKEND}=cpp but the compiled CPU kernel could not be built (see the log line)")
+    _announce_backend(device.type, backend, raw)
+    return backend
+
+
+@functools.cache
+def _announce_backend(device_type: str, backend: str, requested: str) -> None:
+    detail = {
+        "cpp": "compiled CPU kernel",
+        "pytorch": "pure-PyTorch embedding_bag path",
+        "mmcv": "mmcv CUDA op",
+    }.get(backend, backend)
+    deform_ext.announce(f"ms_deform_attn backend on {device_type}: {backend} ({detail}; {ENV_BACKEND}={requested})")
+
+
+def cpp_available() -> bool:
+    """True when the compiled CPU kernel is built (or builds now, on first call) and loads. Never raises."""
+    return deform_ext.load_kernel() is not None
 
 
 @functools.cache
@@ -91,7 +151,44 @@ def mmcv_available() -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Fast path
+# Compiled CPU kernel
+# --------------------------------------------------------------------------------------------------------------
+def ms_deform_attn_cpp(
+    value: Tensor, spatial_shapes: Sequence[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """The compiled CPU kernel (forward and backward in C++). Raw backend: validated inputs of one float dtype."""
+    kernel = deform_ext.load_kernel()
+    if kernel is None:
+        raise RuntimeError("ms_deform_attn backend 'cpp': the compiled CPU kernel could not be built (see the log)")
+    if value.device.type != "cpu":
+        raise RuntimeError(f"ms_deform_attn backend 'cpp' needs CPU tensors, got {value.device}")
+    if value.numel() == 0 or sampling_locations.numel() == 0:
+        return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
+    flat = [int(v) for hw in spatial_shapes for v in hw]
+    return _CppDeformAttn.apply(value, sampling_locations, attention_weights, flat, kernel)
+
+
+class _CppDeformAttn(torch.autograd.Function):
+    """Autograd wrapper of the compiled kernel; its backward returns all three gradients in one pass."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, loc: Tensor, attn: Tensor, shapes: list[int], kernel: Any) -> Tensor:
+        value, loc, attn = value.contiguous(), loc.contiguous(), attn.contiguous()
+        ctx.save_for_backward(value, loc, attn)
+        ctx.shapes, ctx.kernel = shapes, kernel
+        return kernel.forward(value, shapes, loc, attn)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        value, loc, attn = ctx.saved_tensors
+        g_value, g_loc, g_attn = ctx.kernel.backward(grad_out.contiguous(), value, ctx.shapes, loc, attn)
+        need = ctx.needs_input_grad
+        return (g_value if need[0] else None, g_loc if need[1] else None, g_attn if need[2] else None, None, None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fast pure-PyTorch path (the fallback)
 # --------------------------------------------------------------------------------------------------------------
 def ms_deform_attn_pytorch(
     value: Tensor, spatial_shapes: Sequence[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
@@ -333,7 +430,7 @@ def _scalar(x: float, like: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Reference path (the official algorithm, facts §1.7)
+# Reference path (the official algorithm, reference §1.7)
 # --------------------------------------------------------------------------------------------------------------
 def ms_deform_attn_reference(
     value: Tensor, spatial_shapes: Sequence[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor

@@ -1,4 +1,4 @@
-"""Plain ViT for dense prediction, built from timm's ViT blocks (facts §1.1).
+"""Plain ViT for dense prediction, built from timm's ViT blocks (reference §1.1).
 
 Differences from timm's ``VisionTransformer`` are the official ViT-Adapter ones: no class token, no final norm,
 the position embedding is stored at the pretraining grid and resized bicubically to every input grid, optional
@@ -9,10 +9,11 @@ by default. Block parameters keep timm's names, so DeiT/AugReg/timm state dicts 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ def _run_block(block: nn.Module, x: Tensor, grid: tuple[int, int]) -> Tensor:
 
 def window_flags(depth: int, window_attn: bool | Sequence[bool]) -> list[bool]:
     """Per-block window flags. ``True`` means the detection setting: every block windowed except each
-    ``depth/4``-th (indices 2,5,8,11 for 12 layers; 5,11,17,23 for 24; facts §1.1)."""
+    ``depth/4``-th (indices 2,5,8,11 for 12 layers; 5,11,17,23 for 24; reference §1.1)."""
     if isinstance(window_attn, bool):
         if not window_attn:
             return [False] * depth
@@ -101,7 +102,7 @@ class PlainViT(nn.Module):
         # Stored at the pretraining grid without a class slot (the official code keeps and discards it).
         self.pos_embed = nn.Parameter(torch.zeros(1, self.pretrain_grid[0] * self.pretrain_grid[1], embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        # Linear drop-path schedule (facts §1.1); plain floats so construction works on the meta device.
+        # Linear drop-path schedule (reference §1.1); plain floats so construction works on the meta device.
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         common = dict(
             dim=embed_dim,
@@ -122,7 +123,7 @@ class PlainViT(nn.Module):
         self.apply(_init_vit_weights)
 
     def resized_pos_embed(self, grid: tuple[int, int]) -> Tensor:
-        """Bicubic resize (align_corners=False, no antialias) from the pretraining grid, facts §1.1."""
+        """Bicubic resize (align_corners=False, no antialias) from the pretraining grid, reference §1.1."""
         if tuple(grid) == self.pretrain_grid:
             return self.pos_embed
         gh, gw = self.pretrain_grid
@@ -141,24 +142,65 @@ class PlainViT(nn.Module):
         # view's, and every later residual add and LayerNorm runs on contiguous tokens (same values).
         return self.pos_drop(self.resized_pos_embed(grid) + tokens)
 
-    def run_blocks(
-        self, x: Tensor, start: int, stop: int, grid: tuple[int, int], taps: dict[int, Tensor] | None = None
-    ) -> Tensor:
-        """Run blocks ``start..stop-1``; store the tokens after every block index listed in ``taps``."""
+    def forward_blocks(
+        self, x: Tensor, start: int, stop: int, grid: tuple[int, int], indices: Collection[int] = ()
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Run blocks ``start..stop-1``; also return the tokens after each block whose index is in ``indices``,
+        in block order (returned, not written into a caller's dict, so the taps are plain outputs)."""
+        tapped: list[Tensor] = []
         for i in range(start, stop):
             blk = self.blocks[i]
             if self.with_cp and self.training and x.requires_grad:
                 x = checkpoint(_run_block, blk, x, grid, use_reentrant=False)
             else:
                 x = _run_block(blk, x, grid)
-            if taps is not None and i in taps:
-                taps[i] = x
-        return x
+            if i in indices:
+                tapped.append(x)
+        return x, tapped
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        output_fmt: Literal["NCHW", "NLC"] = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm-style taps: the tokens after the blocks in ``indices`` (None = every block, an int n = the last
+        n blocks), as (B, D, H, W) maps or (B, N, D) tokens, with the final tokens unless ``intermediates_only``."""
+        take = block_indices(indices, self.depth)
+        patches = self.patchify(x)
+        grid = (patches.shape[2], patches.shape[3])
+        x, tapped = self.forward_blocks(self.embed(patches), 0, self.depth, grid, indices=take)
+        if output_fmt == "NCHW":
+            tapped = [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid) for t in tapped]
+        return tapped if intermediates_only else (x, tapped)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay besides the 1-D ones (timm's convention)."""
+        return {"pos_embed"}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm-style parameter groups for layer-wise lr decay: the embedding, then one group per block."""
+        return {
+            "stem": r"^pos_embed|^patch_embed",
+            "blocks": r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None)],
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         patches = self.patchify(x)
         grid = (patches.shape[2], patches.shape[3])
-        return self.run_blocks(self.embed(patches), 0, self.depth, grid)
+        return self.forward_blocks(self.embed(patches), 0, self.depth, grid)[0]
+
+
+def block_indices(indices: int | Sequence[int] | None, depth: int) -> list[int]:
+    """Block indices to tap, as timm's ``forward_intermediates``: None = all, n = the last n, else the list."""
+    if indices is None:
+        return list(range(depth))
+    take = list(range(depth - indices, depth)) if isinstance(indices, int) else sorted(set(indices))
+    if not take or take[0] < 0 or take[-1] >= depth:
+        raise ValueError(f"block indices must lie in 0..{depth - 1}, got {indices}")
+    return take
 
 
 def _init_vit_weights(m: nn.Module) -> None:
@@ -240,7 +282,7 @@ def _normalise_key(key: str) -> str:
 def load_vit_state_dict(vit: PlainViT, state_dict: Mapping[str, Tensor]) -> LoadReport:
     """Load a timm/DeiT/official state dict into ``vit``: class slot dropped from ``pos_embed``, which is
     resized bicubically to the model's pretraining grid when needed; LayerScale gammas absent from DeiT files
-    stay at their init (facts §1.1, [I#34]). Any other shape mismatch raises, naming the keys."""
+    stay at their init (reference §1.1, [I#34]). Any other shape mismatch raises, naming the keys."""
     report = LoadReport()
     own = vit.state_dict()
     new: dict[str, Tensor] = {}
