@@ -19,7 +19,7 @@ $(STAMP): requirements.txt pyproject.toml
 	fi
 	@# PostgreSQL server: tests/test_sweep_postgres.py starts a throw-away cluster (the multi-machine sweep storage).
 	@if command -v apt-get >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq postgresql) \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) \
 	    || echo "warning: could not install postgresql; the PostgreSQL sweep test will be skipped"; \
 	  else echo "warning: not root; run 'apt-get install postgresql' for the PostgreSQL sweep test"; fi; \
 	fi

@@ -235,7 +235,7 @@ def test_paper_numbers_cover_every_overlay() -> None:
     assert set(paper) == {p.stem for p in ABLATIONS_DIR.glob("*.yaml")}
     for v in ("no_spm", "no_injector", "baseline_compute_matched"):
         assert paper[v]["APb"] is None and paper[v]["params_M"] is None
-    assert "vit_adapter_facts.md §3" in (tables.PAPER_NUMBERS).read_text()
+    assert "docs/reference.md §3" in (tables.PAPER_NUMBERS).read_text()
 
 
 def test_plots_written(pipeline: dict[str, Path]) -> None:

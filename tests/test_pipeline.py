@@ -153,9 +153,11 @@ def test_dvc_shows_metrics_plots_and_overlay_params(micro_repo: Path) -> None:
     assert "metric_vs_n" in plots and "cost_vs_metric" in plots and any("train_loss" in n for n in plots)
     for name, renders in plots.items():
         for r in renders:
-            if r["type"] == "vega":  # every declared field found: one data point per row, y inferred
+            if r["type"] == "vega":  # every declared field found: one data point per row
                 rows = r["anchor_definitions"]["<DVC_METRIC_DATA>"]
-                assert rows and all(row.get("dvc_inferred_y_value") not in (None, "") for row in rows), name
+                # y is `dvc_inferred_y_value` for a plot over several files, the declared field otherwise
+                y = [row.get("dvc_inferred_y_value", row.get("loss", row.get("mean"))) for row in rows]
+                assert rows and all(v not in (None, "") for v in y), name
             else:
                 assert r["type"] == "image" and Path(r["url"]).stat().st_size > 0, name
     metric_vs_n = {
@@ -266,3 +268,19 @@ def test_paper_route_data_and_weights_stages(tmp_path: Path, capsys) -> None:
     # every profile's runs read the file the weights stage wrote
     cfg = pipeline.variant_config(yaml.safe_load(params.read_text()), "full", 0)
     assert cfg.weights.source == str(out) and cfg.data.root == str(coco) and cfg.data.dataset == "coco"
+
+
+def test_launcher_starts_each_run(tmp_path: Path, monkeypatch) -> None:
+    """params.yaml `launcher` (e.g. torchrun for 8 GPUs) replaces the plain python process of each run."""
+    from vit_adapter import pipeline
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(pipeline, "run_identity", lambda cfg: ("id", {}))
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda cmd, **kw: seen.append(cmd) or 1)
+    cfg = pipeline.variant_config(pipeline.load_params(REPO / "params.yaml"), "full", 0)
+    out = tmp_path / "full" / "s0"
+    out.parent.mkdir()
+    pipeline._run_one(cfg, out, launcher="torchrun --standalone --nproc_per_node 8")
+    pipeline._run_one(cfg, out)
+    assert seen[0][:4] == ["torchrun", "--standalone", "--nproc_per_node", "8"]
+    assert seen[0][4:7] == ["-m", "vit_adapter.pipeline", "run-one"] and seen[1][0] == sys.executable

@@ -32,6 +32,7 @@ from vit_adapter.analysis.report import _section_sweeps
 from vit_adapter.data import generate_dataset
 from vit_adapter.sweep import (
     KILL_ENV,
+    AdvisoryLock,
     SweepSettings,
     main,
     open_storage,
@@ -211,3 +212,38 @@ def test_two_machines_one_postgres_study_kill_retry_exact_budget(tmp_path, data_
     assert summary["status"] == "done" and summary["counts"] == from_pg["counts"]
     assert len(optuna.load_study(study_name=plan.study_name, storage=open_storage(plan_sweep(local))).trials) == 4
     assert leaks() == []
+
+
+def test_advisory_turnstile_is_exclusive_and_freed_with_its_connection(postgres, monkeypatch) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, str(postgres["password"]))
+    url = storage_url(SweepSettings(storage=_url(postgres)))
+    first, second = AdvisoryLock(url, "study-x"), AdvisoryLock(url, "study-x")
+    other = AdvisoryLock(url, "study-y")
+    try:
+        assert first.acquire() and not second.acquire(blocking=False)  # one holder per study, across connections
+        assert other.acquire(blocking=False)  # another study's turnstile is independent
+        first.close()  # the connection ends (as when its worker dies): the server drops the lock
+        assert second.acquire(blocking=False)
+    finally:
+        for lock in (first, second, other):
+            lock.close()
+    # The documented alternative to a placeholder: no password in the URL at all, libpq reads PGPASSWORD.
+    monkeypatch.setenv("PGPASSWORD", str(postgres["password"]))
+    bare = f"postgresql+psycopg2://{postgres['user']}@{postgres['host']}:{postgres['port']}/{postgres['db']}"
+    plain = AdvisoryLock(storage_url(SweepSettings(storage=bare)), "study-x")
+    try:
+        assert plain.acquire(blocking=False)
+    finally:
+        plain.close()
+
+
+def test_bad_credentials_are_one_line_without_the_password(tmp_path, data_root, postgres, monkeypatch, capsys) -> None:
+    wrong = "not-the-" + secrets.token_hex(8)
+    monkeypatch.setenv(PASSWORD_ENV, wrong)
+    args = ["--storage", _url(postgres), "--out-dir", str(tmp_path), "--no-references", "--no-plots"]
+    args += [x for s in micro(data_root, tmp_path).sets for x in ("--set", s)]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("sweep: error: cannot open storage ") and len(err.strip().splitlines()) == 1, err
+    assert "password authentication failed" in err and wrong not in out + err
+    assert f"${{{PASSWORD_ENV}}}" in err  # names where the password came from

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -144,9 +145,10 @@ def _partial_identity(out: Path) -> str | None:
         return None
 
 
-def _run_one(cfg: Config, out: Path) -> tuple[str, int, bool]:
+def _run_one(cfg: Config, out: Path, launcher: str | None = None) -> tuple[str, int, bool]:
     """Train one (variant, seed) in its own process (1 thread each: two 1-thread processes beat one 2-thread
-    process on this machine, docs/performance.md). Returns (name, exit code, whether it trained)."""
+    process on this machine, docs/performance.md), or through `launcher` (params.yaml, e.g. ``torchrun
+    --standalone --nproc_per_node 8``: one run on 8 GPUs). Returns (name, exit code, whether it trained)."""
     identity, _ = run_identity(cfg)
     if out.is_dir():
         if _finished_identity(out) == identity:
@@ -155,7 +157,8 @@ def _run_one(cfg: Config, out: Path) -> tuple[str, int, bool]:
     resume = _partial_identity(out) == identity
     cfg_file = out.with_name(out.name + ".config.yaml")
     save_config(cfg, cfg_file)
-    cmd = [sys.executable, "-m", "vit_adapter.pipeline", "run-one", "--config", str(cfg_file), "--out", str(out)]
+    python = shlex.split(launcher) if launcher else [sys.executable]
+    cmd = [*python, "-m", "vit_adapter.pipeline", "run-one", "--config", str(cfg_file), "--out", str(out)]
     if not resume:
         cmd.append("--no-resume")
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.train.threads or 1)}
@@ -183,7 +186,7 @@ def train_runs(params: dict[str, Any], jobs: list[tuple[Config, Path]], root: Pa
     root.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda job: _run_one(*job), jobs))
+        results = list(pool.map(lambda job: _run_one(*job, launcher=params.get("launcher")), jobs))
     failed = [name for name, code, _ in results if code != 0]
     if failed:
         print(f"error: training failed for {', '.join(failed)} (see <run>.stdout.log)", file=sys.stderr)

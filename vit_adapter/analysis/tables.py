@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -389,6 +388,3 @@ def attention_markdown(df: pd.DataFrame) -> str:
     )
     return show.to_markdown(index=False, disable_numparse=True)
 
-
-def table_names() -> Sequence[str]:
-    return [t.name for t in TABLES]

@@ -3,7 +3,12 @@
 Exact resume: the batch of iteration ``it`` is a pure function of (seed, it) — the epoch's sample order comes
 from a generator seeded by (seed, epoch), and transforms draw from (seed, epoch, index) — and a checkpoint holds
 model, optimizer, scheduler and every RNG state. So a run stopped after any checkpoint and resumed ends with the
-same weights and metrics, bit for bit on CPU, as one that never stopped.
+same weights and metrics, bit for bit on CPU, as one that never stopped. DataLoader workers
+(``data.num_workers > 0``) load exactly those batches, in that order, and leave the global RNG alone.
+
+Paper scale from the same path: ``data.batch_size`` is the global batch (per process = batch / world /
+grad_accum), evaluation is sharded over the ranks and gathered (COCO AP computed once on rank 0), and the
+process group's timeout is ``train.dist_timeout_s`` (docs/paper_profile.md).
 """
 
 from __future__ import annotations
@@ -660,6 +665,10 @@ def train(
     finally:
         bar.close()
         _restore_signal_handlers(old_handlers)
+        # Stop the loader's workers now: a traceback that holds this frame (StopTraining) would keep them alive.
+        shutdown = getattr(loaded, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     final = {"final": {k: v for k, v in history[-1].items() if k != "iter"} if history else {}, "history": history}
     if run is not None:

@@ -72,7 +72,16 @@ class SpatialPriorModule(nn.Module):
         c2 = self.conv2(c1)
         c3 = self.conv3(c2)
         c4 = self.conv4(c3)
-        return [self.fc1(c1), self.fc2(c2), self.fc3(c3), self.fc4(c4)]
+        return [_pointwise(fc, x) for fc, x in ((self.fc1, c1), (self.fc2, c2), (self.fc3, c3), (self.fc4, c4))]
+
+
+def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 convolution as one GEMM over the pixels of a channels-last map; returns a channels-last NCHW view.
+
+    On CPU, PyTorch sends 1x1 convolutions to its slow im2col path (``_slow_conv2d``) instead of oneDNN; on NHWC
+    memory the same arithmetic is a plain ``linear`` with no copies (the weight (D, C, 1, 1) is viewed as (D, C)).
+    """
+    return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
 
 
 class PatchPrior(nn.Module):

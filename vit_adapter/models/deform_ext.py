@@ -83,7 +83,15 @@ def _build_and_load() -> Any:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler!r} not on PATH)")
-    from torch.utils import cpp_extension  # imported late: it is slow to import and only needed here
+    # Imported late (slow to import, only needed here). Its import warns that no CUDA runtime exists, which is
+    # irrelevant to a CPU-only extension and would land in every training log: silenced for the import only.
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
 
     key = build_key()
     name = f"vit_adapter_deform_{key}"

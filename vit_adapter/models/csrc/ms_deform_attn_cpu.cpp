@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifndef VA_NAMESPACE
@@ -151,10 +152,12 @@ inline scalar_t dot_and_axpy(int64_t n, const scalar_t* __restrict__ g, const sc
   return s + Vec<scalar_t>::sum(acc);
 }
 
-template <typename scalar_t>
+// kC > 0: the channel count is a compile-time constant (the common head widths), so the channel loops unroll into a
+// few vector instructions and the forward accumulates its output row in registers; kC = 0: any C, at run time.
+template <typename scalar_t, int64_t kC>
 void forward_impl(const Geometry& g, const scalar_t* value, const scalar_t* loc, const scalar_t* attn,
                   scalar_t* out) {
-  const int64_t M = g.heads, C = g.channels, L = g.levels, P = g.points;
+  const int64_t M = g.heads, C = kC > 0 ? kC : g.channels, L = g.levels, P = g.points;
   const int64_t token_stride = M * C;
   const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
   // Rows (b, q) are independent: each thread owns whole output rows, so no synchronisation is needed.
@@ -165,7 +168,9 @@ void forward_impl(const Geometry& g, const scalar_t* value, const scalar_t* loc,
       for (int64_t m = 0; m < M; ++m) {
         const int64_t bqm = bq * M + m;
         scalar_t* o = out + bqm * C;
-        std::fill(o, o + C, scalar_t(0));
+        scalar_t row[kC > 0 ? kC : 1] = {};
+        scalar_t* acc = kC > 0 ? row : o;  // a local row, or the output row itself
+        if (kC == 0) std::fill(o, o + C, scalar_t(0));
         const scalar_t* v_bm = v_b + m * C;
         for (int64_t l = 0; l < L; ++l) {
           for (int64_t p = 0; p < P; ++p) {
@@ -174,24 +179,25 @@ void forward_impl(const Geometry& g, const scalar_t* value, const scalar_t* loc,
             const int state = corners_of(loc[2 * point], loc[2 * point + 1], g.height[l], g.width[l], g.start[l], c);
             if (state == 0) continue;
             if (state < 0) {  // NaN location: NaN output, as grid_sample gives
-              for (int64_t ch = 0; ch < C; ++ch) o[ch] = nan;
+              for (int64_t ch = 0; ch < C; ++ch) acc[ch] = nan;
               continue;
             }
             for (int k = 0; k < 4; ++k) {
               if (c.row[k] < 0) continue;
-              axpy(C, a * c.weight[k], v_bm + c.row[k] * token_stride, o);
+              axpy(C, a * c.weight[k], v_bm + c.row[k] * token_stride, acc);
             }
           }
         }
+        if (kC > 0) std::copy(row, row + C, o);
       }
     }
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int64_t kC>
 void backward_impl(const Geometry& g, const scalar_t* grad_out, const scalar_t* value, const scalar_t* loc,
                    const scalar_t* attn, scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn) {
-  const int64_t M = g.heads, C = g.channels, L = g.levels, P = g.points;
+  const int64_t M = g.heads, C = kC > 0 ? kC : g.channels, L = g.levels, P = g.points;
   const int64_t token_stride = M * C;
   const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
   // d value is a scatter: two queries may hit the same value row. Parallelising over (batch, head) makes every
@@ -240,13 +246,28 @@ void backward_impl(const Geometry& g, const scalar_t* grad_out, const scalar_t* 
   });
 }
 
+// Calls f(std::integral_constant<int64_t, C>) for the compiled channel counts, f(integral_constant<0>) otherwise.
+template <typename F>
+void with_channels(int64_t channels, F&& f) {
+  switch (channels) {
+    case 16: f(std::integral_constant<int64_t, 16>{}); break;
+    case 32: f(std::integral_constant<int64_t, 32>{}); break;
+    case 64: f(std::integral_constant<int64_t, 64>{}); break;
+    default: f(std::integral_constant<int64_t, 0>{});
+  }
+}
+
 at::Tensor ms_deform_attn_forward(const at::Tensor& value, at::IntArrayRef shapes, const at::Tensor& loc,
                                   const at::Tensor& attn) {
   const Geometry g = check_inputs(value, shapes, loc, attn);
   at::Tensor out = at::empty({g.batch, g.queries, g.heads * g.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward", [&] {
-    forward_impl<scalar_t>(g, value.const_data_ptr<scalar_t>(), loc.const_data_ptr<scalar_t>(),
-                           attn.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+    auto run = [&](auto channels) {
+      forward_impl<scalar_t, decltype(channels)::value>(g, value.const_data_ptr<scalar_t>(),
+                                                        loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(),
+                                                        out.mutable_data_ptr<scalar_t>());
+    };
+    with_channels(g.channels, run);
   });
   return out;
 }
@@ -261,10 +282,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(const at:
   at::Tensor grad_loc = at::empty_like(loc);      // every element written
   at::Tensor grad_attn = at::empty_like(attn);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward", [&] {
-    backward_impl<scalar_t>(g, grad_out.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
-                            loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(),
-                            grad_value.mutable_data_ptr<scalar_t>(), grad_loc.mutable_data_ptr<scalar_t>(),
-                            grad_attn.mutable_data_ptr<scalar_t>());
+    auto run = [&](auto channels) {
+      backward_impl<scalar_t, decltype(channels)::value>(
+          g, grad_out.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(), loc.const_data_ptr<scalar_t>(),
+          attn.const_data_ptr<scalar_t>(), grad_value.mutable_data_ptr<scalar_t>(),
+          grad_loc.mutable_data_ptr<scalar_t>(), grad_attn.mutable_data_ptr<scalar_t>());
+    };
+    with_channels(g.channels, run);
   });
   return {grad_value, grad_loc, grad_attn};
 }
