@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from vit_adapter.analysis import aggregate, plots, report, stats, tables
+from vit_adapter.analysis import aggregate, plots, registry, report, stats, tables
 from vit_adapter.engine.config import ABLATIONS_DIR
 
 T_975_2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # t_{0.975, 2} = 4.3027 in closed form
@@ -230,12 +230,20 @@ def test_tables_have_paper_columns(pipeline: dict[str, Path]) -> None:
     assert att.loc[att["size"] == 128, "dense_over_deformable_ms"].iloc[0] == pytest.approx(2.0)
 
 
-def test_paper_numbers_cover_every_overlay() -> None:
+def test_registry_and_paper_numbers_cover_every_overlay() -> None:
+    """Every overlay is registered (and every registered variant has an overlay); every paper row a variant names
+    exists; every variant the pipeline trains is registered. A new ablation needs no paper row."""
+    reg = registry.load_registry()
+    overlays = {p.stem for p in ABLATIONS_DIR.glob("*.yaml")}
+    assert set(reg.names) == overlays
     paper = tables.load_paper_numbers()
-    assert set(paper) == {p.stem for p in ABLATIONS_DIR.glob("*.yaml")}
+    rows = reg.paper_rows(paper, tables.PAPER_NUMBERS)
+    assert set(rows) == {v.name for v in reg.variants if v.paper is not None} and set(rows) <= set(paper)
     for v in ("no_spm", "no_injector", "baseline_compute_matched"):
-        assert paper[v]["APb"] is None and paper[v]["params_M"] is None
+        assert v not in rows or (rows[v]["APb"] is None and rows[v]["params_M"] is None)
     assert "docs/reference.md §3" in (tables.PAPER_NUMBERS).read_text()
+    params = yaml.safe_load((ABLATIONS_DIR.parent / "params.yaml").read_text())
+    assert set(params["variants"]) <= set(reg.names)
 
 
 def test_plots_written(pipeline: dict[str, Path]) -> None:
@@ -300,7 +308,7 @@ def test_report_optional_sections(pipeline: dict[str, Path], tmp_path: Path) -> 
     refs = {
         "paper_default": {"params": {"gamma_init": 0.0, "cffn_ratio": 0.25, "with_cffn": True},
                           "per_seed": {"0": 51.0, "1": 50.0}},
-        "no_cffn": {"params": {"gamma_init": 0.0, "cffn_ratio": 0.25, "with_cffn": False},
+        "no_convffn": {"params": {"gamma_init": 0.0, "cffn_ratio": 0.25, "with_cffn": False},
                     "per_seed": {"0": 49.0, "1": 48.0}},
     }  # fmt: skip
     summary = {
@@ -449,3 +457,139 @@ def test_attention_bench_measures_both_kinds(tmp_path: Path) -> None:
     assert set(data["summary"]["faster"]) == {"32", "64"}
     frame = tables.attention_cost_frame(data)
     assert len(frame) == 4 and frame["dense_over_deformable_ms"].notna().all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry (ablations/index.yml)
+
+
+def test_registry_drives_order_reference_and_findings() -> None:
+    reg = registry.load_registry()
+    assert reg.reference == "full" and aggregate.REFERENCE == "full"  # the old module constant still reads
+    assert reg.names == aggregate.VARIANT_ORDER and reg.names[:4] == (
+        "baseline",
+        "variant1_add",
+        "variant2_injector",
+        "full",
+    )
+    assert aggregate.variant_sort_key("zzz_unregistered") == (len(reg.names), "zzz_unregistered")
+    assert [t.name for t in tables.TABLES] == [t.name for t in reg.tables]
+    inter = tables.TABLE_BY_NAME["table6_interactions"]
+    assert [r.variant for r in inter.rows] == ["baseline", "n1", "n2", "full", "n6"] and inter.rows[-1].optional
+    assert tables.TABLE_BY_NAME["pretraining"].others == ("baseline_scratch",)
+    assert reg.findings == report.FINDINGS and ("n6", "full") in {(f.a, f.b) for f in reg.findings}
+
+
+def _registry_copy(tmp_path: Path, edit) -> Path:
+    raw = yaml.safe_load(registry.DEFAULT_REGISTRY.read_text())
+    edit(raw)
+    path = tmp_path / "index.yml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda r: r["variants"]["n1"].update(lable="N=1"),
+         r"variants\.n1\.lable: unknown key \(did you mean 'label'\?\)"),
+        (lambda r: r["variants"]["n1"].update(tables=["table6_interaction"]),
+         r"variants\.n1\.tables\[0\]: .*did you mean 'table6_interactions'"),
+        (lambda r: r["variants"]["n1"].update(role="interaction"),
+         r"variants\.n1\.role: .*did you mean 'interactions'"),
+        (lambda r: r["variants"]["n1"].update(paper="n_1"), r"variants\.n1\.paper: no row 'n_1' .*did you mean 'n1'"),
+        (lambda r: r["findings"][0].update(a="variant1add"), r"findings\[0\]\.a: unknown variant .*'variant1_add'"),
+        (lambda r: r["variants"]["n1"].update(role="reference"), r"variants: full, n1 all have role 'reference'"),
+        (lambda r: r["tables"]["pretraining"].update(reference="baselin"),
+         r"tables\.pretraining\.reference: .*'baseline'"),
+        (lambda r: r["tables"]["table7_attention"].update(costs=["flops_G"]), r"tables\.table7_attention: panel"),
+        (lambda r: r.update(table={}), r"\(top level\)\.table: unknown key \(did you mean 'tables'\?\)"),
+    ],
+)  # fmt: skip
+def test_registry_errors_name_the_file_and_key(tmp_path: Path, edit, match: str) -> None:
+    path = _registry_copy(tmp_path, edit)
+    with pytest.raises(registry.RegistryError, match=match) as err:
+        reg = registry.load_registry(path)
+        reg.paper_rows(tables.load_paper_numbers(), tables.PAPER_NUMBERS)  # paper rows are checked against the file
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_registry_refuses_a_repeated_variant(tmp_path: Path) -> None:
+    path = tmp_path / "index.yml"
+    text = registry.DEFAULT_REGISTRY.read_text()
+    path.write_text(text.replace("  n2:\n", "  n1:\n", 1))
+    with pytest.raises(registry.RegistryError, match=r"variants\.n1: repeated key at line"):
+        registry.load_registry(path)
+
+
+def test_cli_reports_a_bad_registry_in_one_line(pipeline: dict[str, Path], tmp_path: Path, capsys) -> None:
+    bad = _registry_copy(tmp_path, lambda r: r["variants"]["full"].update(tables=["leave_one_ut"]))
+    args = ["--results", str(pipeline["results"]), "--registry", str(bad)]
+    assert aggregate.main(["--runs", str(pipeline["runs"]), "--out", str(tmp_path / "o"), "--registry", str(bad)]) == 2
+    assert plots.main([*args, "--out", str(tmp_path / "f")]) == 2
+    assert report.main([*args, "--out", str(tmp_path / "r.md")]) == 2
+    errs = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(errs) == 3 and all(e.startswith(f"error: {bad}: variants.full.tables[0]") for e in errs), errs
+
+
+def test_new_variant_is_one_registry_entry(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    """A variant the code has never heard of, registered with one line, lands in its table, the summary, the
+    figures' data, a finding and the report (the micro pipeline test does the same end to end with dvc)."""
+    runs = tmp_path / "runs"
+    (runs / "no_convffn").mkdir(parents=True)
+    for seed, v in enumerate((28.0, 29.5, 31.0)):  # Δ vs full = -2, -2.5, -3
+        make_run(runs, "full", seed, MIOU["full"][seed])
+        make_run(runs, "baseline", seed, MIOU["baseline"][seed])
+        make_run(tmp_path / "other", "full", seed, v).rename(runs / "no_convffn" / f"s{seed}")  # full's config
+
+    def add(raw: dict) -> None:
+        raw["variants"]["no_convffn"] = {
+            "label": "no ConvFFN",
+            "role": "leave_one_out",
+            "tables": {"leave_one_out": {"row": "no ConvFFN", "removes": "the ConvFFN"}},
+        }
+        raw["findings"].append({"claim": "ConvFFN helps", "source": "ours", "a": "full", "b": "no_convffn"})
+
+    reg = _registry_copy(tmp_path, add)
+    res, figs, md = tmp_path / "results", tmp_path / "figures", tmp_path / "report.md"
+    assert aggregate.main(["--runs", str(runs), "--out", str(res), "--registry", str(reg)]) == 0
+    assert plots.main(["--results", str(res), "--runs", str(runs), "--out", str(figs), "--registry", str(reg)]) == 0
+    assert report.main(["--results", str(res), "--runs", str(runs), "--figures", str(figs), "--out", str(md),
+                        "--registry", str(reg), "--dvc-lock", "none"]) == 0  # fmt: skip
+    loo = pd.read_csv(res / "leave_one_out.csv").set_index("variant")
+    assert loo.loc["no_convffn", "row"] == "no ConvFFN" and loo.loc["no_convffn", "delta_mIoU"] == pytest.approx(-2.5)
+    assert list(pd.read_csv(res / "summary.csv")["variant"]) == ["baseline", "full", "no_convffn"]  # registry order
+    assert (res / "plots" / "train_loss" / "no_convffn.csv").is_file()
+    assert "no_convffn" in set(pd.read_csv(res / "plots" / "cost_vs_metric.csv")["variant"])
+    text = md.read_text()
+    assert (
+        "| no ConvFFN " in text and "| ConvFFN helps " in text and "- Removing the ConvFFN from the full model" in text
+    )
+
+
+def test_analysis_modules_import_no_cycle() -> None:
+    """aggregate ↔ tables once imported each other; the package's import graph is acyclic now."""
+    import ast
+
+    pkg = Path(aggregate.__file__).parent
+    graph = {}
+    for path in pkg.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vit_adapter.analysis"):
+                deps |= (
+                    {node.module.rsplit(".", 1)[-1]}
+                    if node.module != "vit_adapter.analysis"
+                    else {a.name for a in node.names}
+                )
+        graph[path.stem] = deps & {p.stem for p in pkg.glob("*.py")}
+
+    def visit(mod: str, stack: tuple[str, ...]) -> None:
+        assert mod not in stack, f"import cycle: {' -> '.join((*stack, mod))}"
+        for dep in graph[mod]:
+            visit(dep, (*stack, mod))
+
+    for mod in graph:
+        visit(mod, ())

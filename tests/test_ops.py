@@ -349,6 +349,16 @@ def test_border_and_out_of_bounds_points_match_grid_sample_in_float64(backend: s
 
 
 @needs_cpp
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 5])  # the kernel's compiled channel counts, and a run-time one
+def test_cpp_every_channel_path_matches_reference_in_float64(head_dim: int) -> None:
+    value, loc, attn = random_inputs(UNEVEN_SHAPES, n_query=5, heads=3, head_dim=head_dim, n_points=3, seed=5)
+    grad_out = torch.randn(2, 5, 3 * head_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    expected = grads_of("reference", UNEVEN_SHAPES, (value, loc, attn), grad_out)
+    for name, g, e in zip(NAMES, grads_of("cpp", UNEVEN_SHAPES, (value, loc, attn), grad_out), expected):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=0, msg=name)
+
+
+@needs_cpp
 def test_gradcheck_cpp_float64() -> None:
     value, loc, attn = random_inputs([(3, 4), (2, 2)], batch=2, n_query=2, heads=2, head_dim=2, n_points=2, seed=3)
     inputs = tuple(t.requires_grad_() for t in (value, loc, attn))
@@ -423,13 +433,29 @@ def test_backend_choice_is_announced_once(
     assert text.count("ms_deform_attn backend on cpu: pytorch") == 1
 
 
-def test_failed_build_falls_back_without_raising(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_failed_build_falls_back_without_raising(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     from vit_adapter.models import deform_ext
 
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv(deform_ext.ENV_DIR, str(tmp_path / "ext"))
-    assert deform_ext.load_kernel.__wrapped__() is None  # uncached call: the process-wide cache stays intact
     assert deform_ext.cache_root() == tmp_path / "ext"
+    with caplog.at_level("INFO"):
+        # No compiler on PATH. (Uncached calls: the process-wide kernel cache stays intact.)
+        with monkeypatch.context() as m:
+            m.setenv("CXX", str(tmp_path / "no-such-compiler"))
+            assert deform_ext.load_kernel.__wrapped__() is None
+        # A compile error (the source does not compile), where a compiler exists.
+        if cpp_available():
+            broken = tmp_path / "broken.cpp"
+            broken.write_text("this is not C++\n")
+            monkeypatch.setattr(deform_ext, "SOURCE", broken)
+            assert deform_ext.load_kernel.__wrapped__() is None
+    text = caplog.text + capsys.readouterr().err
+    assert text.count("compiled CPU kernel unavailable") == (2 if cpp_available() else 1)
 
 
 _CONCURRENT_SCRIPT = """

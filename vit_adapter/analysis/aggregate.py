@@ -8,6 +8,8 @@ plots and the report). Unfinished runs live in ``<name>.partial/`` and are skipp
 
 writes ``runs.csv`` (one row per run), ``summary.csv`` (one row per variant), the paper-mirroring tables
 (``vit_adapter.analysis.tables``) with their Markdown, and ``attention_cost.csv`` when the bench JSON exists.
+Variant names, their order and the reference come from the registry ``ablations/index.yml`` (``registry``); the
+statistics live in ``summary`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,28 +26,34 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .stats import DEFAULT_BOOT_SEED, DEFAULT_N_BOOT, Interval, mean_interval
+from vit_adapter.engine.rundir import atomic_write_json
+
+from . import tables
+from .registry import Registry, load_registry
+from .stats import DEFAULT_N_BOOT
+from .summary import paired_delta, paired_differences, summarise, variant_sort_key, write_csv
+
+__all__ = [
+    "RunFormatError",
+    "check_shared_inputs",
+    "collect_runs",
+    "collect_stage_timings",
+    "default_metric",
+    "load_overlays",
+    "main",
+    "metrics_document",
+    "paired_delta",
+    "paired_differences",
+    "read_run",
+    "run_aggregate",
+    "summarise",
+    "variant_sort_key",
+    "write_csv",
+]
 
 SEED_DIR_RE = re.compile(r"^s(?P<seed>\d+)$")
 VARIANT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 REQUIRED_FILES = ("config.yaml", "metrics.json", "costs.json")
-REFERENCE = "full"
-# Display order of the variants (paper tables first); unknown variants follow alphabetically.
-VARIANT_ORDER = (
-    "baseline",
-    "variant1_add",
-    "variant2_injector",
-    "full",
-    "no_spm",
-    "no_injector",
-    "n1",
-    "n2",
-    "n6",
-    "dense_attention",
-    "baseline_compute_matched",
-    "baseline_scratch",
-    "full_scratch",
-)
 # The structural switches recorded per run (reference §7): checked against the overlays when asked.
 MODEL_FLAGS = ("use_spm", "injector", "use_extractor", "extra_extractors", "output_neck", "attention", "n_interactions")
 DEFAULT_METRIC = {"seg": "mIoU", "det": "bbox_mAP"}
@@ -57,8 +65,13 @@ class RunFormatError(ValueError):
     """A run directory that cannot be read; the message names the directory and what is wrong."""
 
 
-def variant_sort_key(variant: str) -> tuple[int, str]:
-    return (VARIANT_ORDER.index(variant), "") if variant in VARIANT_ORDER else (len(VARIANT_ORDER), variant)
+def __getattr__(name: str) -> Any:
+    """``REFERENCE`` and ``VARIANT_ORDER`` as before, now read from the registry when first asked for."""
+    if name == "REFERENCE":
+        return load_registry().reference
+    if name == "VARIANT_ORDER":
+        return load_registry().names
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _read_json(path: Path, run: Path) -> Any:
@@ -201,7 +214,9 @@ def load_overlays(ablations_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def collect_runs(runs_dir: str | Path, *, ablations_dir: str | Path | None = None) -> pd.DataFrame:
+def collect_runs(
+    runs_dir: str | Path, *, ablations_dir: str | Path | None = None, registry: Registry | None = None
+) -> pd.DataFrame:
     """One row per finished run: variant, seed, run, task, preset, the structural flags, max_iters, n_iters,
     image_size, batch_size, params_{vit,adapter,head,total}, flops_backbone, s_per_iter, images_per_s,
     peak_memory_mb, wall_time_s, threads, device and every scalar final metric (same names as metrics.json).
@@ -209,8 +224,10 @@ def collect_runs(runs_dir: str | Path, *, ablations_dir: str | Path | None = Non
     ``df.attrs`` holds ``metrics`` (metric columns), ``task`` and ``skipped`` (unfinished ``.partial`` dirs).
     Raises RunFormatError (naming the directory) for a malformed run and FileNotFoundError/ValueError when
     ``runs_dir`` is missing, holds no finished run, or mixes tasks. With ``ablations_dir``, each run's model flags
-    must equal its overlay's (a mislabelled run would silently land in the wrong table row).
+    must equal its overlay's (a mislabelled run would silently land in the wrong table row). Rows follow the
+    registry's display order.
     """
+    registry = registry or load_registry()
     root = Path(runs_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"runs directory {root} does not exist")
@@ -230,7 +247,7 @@ def collect_runs(runs_dir: str | Path, *, ablations_dir: str | Path | None = Non
     if len(tasks) != 1:
         raise ValueError(f"runs in {root} mix tasks {tasks}; aggregate one task at a time")
     metric_names = sorted({m for r in records for m in r.pop("_metrics")})
-    records.sort(key=lambda r: (variant_sort_key(r["variant"]), r["seed"]))
+    records.sort(key=lambda r: (registry.sort_key(r["variant"]), r["seed"]))
     df = pd.DataFrame.from_records(records)
     dup = df[df.duplicated(["variant", "seed"], keep=False)]
     if len(dup):
@@ -241,9 +258,13 @@ def collect_runs(runs_dir: str | Path, *, ablations_dir: str | Path | None = Non
     return df
 
 
-def metrics_document(summary: pd.DataFrame, inputs: dict[str, str | None]) -> dict[str, Any]:
+def metrics_document(
+    summary: pd.DataFrame, inputs: dict[str, str | None], reference: str | None = None
+) -> dict[str, Any]:
     """``results/metrics.json`` (DVC metrics): per variant its mean, std and seed count of the primary metric and
-    the paired Δ against the reference with its CI; plus the input digests the runs share."""
+    the paired Δ against the reference (default: the registry's) with its CI; plus the input digests the runs
+    share."""
+    reference = reference if reference is not None else load_registry().reference
 
     def num(x: Any) -> float | int | None:
         if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -256,7 +277,7 @@ def metrics_document(summary: pd.DataFrame, inputs: dict[str, str | None]) -> di
             "mean": num(row["mean"]),
             "std": num(row["std"]),
             "n": num(row["n"]),
-            f"delta_vs_{REFERENCE}": num(row["delta"]),
+            f"delta_vs_{reference}": num(row["delta"]),
             "delta_lo": num(row["delta_lo"]),
             "delta_hi": num(row["delta_hi"]),
         }
@@ -269,97 +290,12 @@ def default_metric(df: pd.DataFrame) -> str:
     return DEFAULT_METRIC.get(task, "mIoU")
 
 
-def paired_differences(df: pd.DataFrame, metric: str, variant: str, reference: str) -> pd.Series:
-    """metric(variant) − metric(reference) for each seed both have (NaN metrics dropped), indexed by seed."""
-    a = df.loc[df["variant"] == variant, ["seed", metric]].dropna().set_index("seed")[metric]
-    b = df.loc[df["variant"] == reference, ["seed", metric]].dropna().set_index("seed")[metric]
-    common = a.index.intersection(b.index).sort_values()
-    return (a.loc[common] - b.loc[common]).astype(float)
-
-
-def paired_delta(
-    df: pd.DataFrame,
-    metric: str,
-    variant: str,
-    reference: str = REFERENCE,
-    *,
-    conf: float = 0.95,
-    n_boot: int = DEFAULT_N_BOOT,
-    boot_seed: int = DEFAULT_BOOT_SEED,
-) -> Interval:
-    """Mean paired difference with its CI: t-interval for < 10 pairs, percentile bootstrap from 10 pairs."""
-    return mean_interval(paired_differences(df, metric, variant, reference).to_numpy(), conf, n_boot, boot_seed)
-
-
-def _first(values: pd.Series) -> float:
-    v = values.dropna()
-    return float(v.iloc[0]) if len(v) else math.nan
-
-
-def summarise(
-    df: pd.DataFrame,
-    metric: str,
-    *,
-    reference: str = REFERENCE,
-    conf: float = 0.95,
-    n_boot: int = DEFAULT_N_BOOT,
-    boot_seed: int = DEFAULT_BOOT_SEED,
-) -> pd.DataFrame:
-    """Per variant (rows in display order): n, seeds, mean, std (ddof=1), min, max of ``metric``; delta = mean
-    of the seed-paired differences variant − ``reference`` with delta_lo/delta_hi (``conf`` CI), delta_n pairs
-    and ci_method; params (M), FLOPs (G), s/iter (mean, std), peak memory (MB), wall time (s), n_iters."""
-    if metric not in df.columns:
-        raise KeyError(f"metric {metric!r} not in the runs; available: {', '.join(df.attrs.get('metrics', []))}")
-    rows = []
-    for variant in sorted(df["variant"].unique(), key=variant_sort_key):
-        g = df[df["variant"] == variant]
-        vals = g[metric].dropna().astype(float)
-        n = len(vals)
-        row: dict[str, Any] = {
-            "variant": variant,
-            "metric": metric,
-            "n": n,
-            "seeds": " ".join(str(s) for s in g.loc[vals.index, "seed"]),
-            "mean": float(vals.mean()) if n else math.nan,
-            "std": float(vals.std(ddof=1)) if n >= 2 else math.nan,
-            "min": float(vals.min()) if n else math.nan,
-            "max": float(vals.max()) if n else math.nan,
-        }
-        if variant == reference:
-            row.update(delta=0.0, delta_lo=math.nan, delta_hi=math.nan, delta_n=n, ci_method="reference")
-        elif (df["variant"] == reference).any():
-            ci = paired_delta(df, metric, variant, reference, conf=conf, n_boot=n_boot, boot_seed=boot_seed)
-            row.update(delta=ci.estimate, delta_lo=ci.lo, delta_hi=ci.hi, delta_n=ci.n, ci_method=ci.method)
-        else:
-            row.update(delta=math.nan, delta_lo=math.nan, delta_hi=math.nan, delta_n=0, ci_method="none")
-        row.update(
-            conf=conf,
-            params_total_M=_first(g["params_total"]) / 1e6,
-            params_backbone_M=(_first(g["params_vit"]) + _first(g["params_adapter"])) / 1e6,
-            params_adapter_M=_first(g["params_adapter"]) / 1e6,
-            flops_G=_first(g["flops_backbone"]) / 1e9,
-            s_per_iter=float(g["s_per_iter"].mean()),
-            s_per_iter_std=float(g["s_per_iter"].std(ddof=1)) if len(g) >= 2 else math.nan,
-            peak_memory_mb=float(g["peak_memory_mb"].mean()),
-            wall_time_s=float(g["wall_time_s"].mean()),
-            n_iters=_first(g["n_iters"]),
-        )
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def write_csv(df: pd.DataFrame, path: Path) -> Path:
-    """CSV with a fixed float format (stable bytes across runs), written atomically."""
-    from vit_adapter.engine.rundir import atomic_write_text
-
-    return atomic_write_text(path, df.to_csv(index=False, float_format="%.12g", lineterminator="\n"))
-
-
-def collect_stage_timings(runs_dir: Path) -> pd.DataFrame:
+def collect_stage_timings(runs_dir: Path, registry: Registry | None = None) -> pd.DataFrame:
     """``<runs>/<variant>/stage.json`` (written by the pipeline's train steps) as rows stage, wall_s, runs,
     runs_trained, in display order; empty when no stage recorded its time (runs trained by hand)."""
+    registry = registry or load_registry()
     rows = []
-    for path in sorted(Path(runs_dir).glob("*/stage.json"), key=lambda p: variant_sort_key(p.parent.name)):
+    for path in sorted(Path(runs_dir).glob("*/stage.json"), key=lambda p: registry.sort_key(p.parent.name)):
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
             rows.append({k: rec[k] for k in ("stage", "wall_s", "runs", "runs_trained")})
@@ -377,21 +313,20 @@ def run_aggregate(
     attention_json: Path | None = None,
     ablations_dir: Path | None = None,
     n_boot: int = DEFAULT_N_BOOT,
+    registry_path: Path | None = None,
 ) -> list[Path]:
     """runs.csv, summary.csv, the tables (+ tables.md), stage_timings.csv and attention_cost.csv (if the bench
     JSON exists)."""
-    from . import tables
-
-    df = collect_runs(runs_dir, ablations_dir=ablations_dir)
+    registry = load_registry(registry_path)
+    df = collect_runs(runs_dir, ablations_dir=ablations_dir, registry=registry)
     metric = metric or default_metric(df)
-    summary = summarise(df, metric, n_boot=n_boot)
-    paper = tables.load_paper_numbers(paper_path)
+    summary = summarise(df, metric, n_boot=n_boot, registry=registry)
+    paper = tables.paper_by_variant(registry, paper_path)
     written = [write_csv(df, out_dir / "runs.csv"), write_csv(summary, out_dir / "summary.csv")]
-    from vit_adapter.engine.rundir import atomic_write_json
-
-    written.append(atomic_write_json(out_dir / "metrics.json", metrics_document(summary, df.attrs.get("inputs", {}))))
-    written += tables.write_tables(df, summary, paper, out_dir, metric)
-    written.append(write_csv(collect_stage_timings(runs_dir), out_dir / "stage_timings.csv"))
+    document = metrics_document(summary, df.attrs.get("inputs", {}), registry.reference)
+    written.append(atomic_write_json(out_dir / "metrics.json", document))
+    written += tables.write_tables(df, summary, paper, out_dir, metric, registry=registry)
+    written.append(write_csv(collect_stage_timings(runs_dir, registry), out_dir / "stage_timings.csv"))
     attention_json = attention_json if attention_json is not None else out_dir / "attention_cost.json"
     if attention_json.is_file():
         written.append(tables.write_attention_cost(attention_json, out_dir / "attention_cost.csv"))
@@ -413,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--no-check", dest="ablations", action="store_const", const=None, help="skip that check")
     p.add_argument("--n-boot", type=int, default=DEFAULT_N_BOOT, help="bootstrap resamples (n >= 10 pairs)")
+    p.add_argument("--registry", type=Path, default=None, help="ablation registry (default ablations/index.yml)")
     args = p.parse_args(argv)
     try:
         written = run_aggregate(
@@ -423,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             attention_json=args.attention_json,
             ablations_dir=args.ablations,
             n_boot=args.n_boot,
+            registry_path=args.registry,
         )
     except (RunFormatError, FileNotFoundError, ValueError, KeyError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -3,7 +3,8 @@
     python -m vit_adapter.analysis.plots --results results --out reports/figures [--runs results/runs]
 
 Reads what ``aggregate`` wrote (``runs.csv``, ``summary.csv``, the table CSVs, ``attention_cost.csv``), the
-runs' ``log.jsonl``/``metrics.json`` (training curves) and ``ablations/paper_numbers.yml`` (the paper's curves).
+runs' ``log.jsonl``/``metrics.json`` (training curves), ``ablations/paper_numbers.yml`` (the paper's curves) and
+the registry ``ablations/index.yml`` (which tables, their third panels, the variants' order).
 Our metric and the paper's APb/APm are on different tasks and scales, so they are never drawn on one axis: every
 comparison is two side-by-side panels, each labelled with its source. PNGs carry no software/time metadata, so
 re-running on the same inputs gives identical bytes.
@@ -30,8 +31,9 @@ import pandas as pd  # noqa: E402
 
 from vit_adapter.engine.rundir import atomic_write_bytes  # noqa: E402
 
-from .aggregate import variant_sort_key, write_csv  # noqa: E402
-from .tables import TABLES, TableSpec, load_paper_numbers  # noqa: E402
+from .registry import Registry, TableSpec, load_registry  # noqa: E402
+from .summary import write_csv  # noqa: E402
+from .tables import paper_by_variant  # noqa: E402
 
 OURS_COLOR, PAPER_COLORS = "#4C72B0", ("#DD8452", "#C44E52")
 PAPER_LABEL = "paper: ViT-S + Mask R-CNN 1×, COCO val2017"
@@ -64,8 +66,9 @@ def _metric_of(summary: pd.DataFrame) -> str:
 
 def plot_table(table: pd.DataFrame, spec: TableSpec, runs: pd.DataFrame, metric: str, path: Path) -> Path:
     """Left: ours (mean ± std bars, one dot per seed). Right: the paper's APb/APm (different task and scale).
-    Table 7 gets a third panel: dense/deformable cost ratios, ours vs the paper's."""
-    n_panels = 3 if spec.name in ("table7_attention", "compute_matched") else 2
+    A table with a ``panel`` gets a third one: the cost ratios of its other row to its reference, ours vs the
+    paper's (``cost_ratio``, Table 7), or each row's training wall-clock (``wall_time``)."""
+    n_panels = 3 if spec.panel is not None else 2
     fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 3.8), layout="constrained")
     x = np.arange(len(table))
     labels = _wrap(table["row"])
@@ -99,9 +102,9 @@ def plot_table(table: pd.DataFrame, spec: TableSpec, runs: pd.DataFrame, metric:
     ax.set_title(textwrap.fill(PAPER_LABEL, 40), fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
 
-    if spec.name == "table7_attention":
-        _cost_ratio_panel(axes[2], table)
-    elif spec.name == "compute_matched":
+    if spec.panel == "cost_ratio":
+        _cost_ratio_panel(axes[2], table, spec.others[0], spec.reference)
+    elif spec.panel == "wall_time":
         ax = axes[2]
         ax.bar(x, table["wall_time_s"].fillna(0), color=OURS_COLOR, alpha=0.8)
         ax.set_xticks(x, labels, fontsize=7)
@@ -126,8 +129,8 @@ def _zoom(ax: plt.Axes, values: np.ndarray) -> None:
         ax.annotate(f"axis starts at {bottom:.3g}", (0.01, 0.99), xycoords="axes fraction", va="top", fontsize=6)
 
 
-def _cost_ratio_panel(ax: plt.Axes, table: pd.DataFrame) -> None:
-    """dense/deformable ratio of each cost, ours next to the paper's (1.0 = equal cost)."""
+def _cost_ratio_panel(ax: plt.Axes, table: pd.DataFrame, other: str, reference: str) -> None:
+    """other/reference (Table 7: dense/deformable) ratio of each cost, ours next to the paper's (1.0 = equal)."""
     t = table.set_index("variant")
     pairs = [
         ("FLOPs", "flops_G", "paper_flops_G"),
@@ -137,9 +140,9 @@ def _cost_ratio_panel(ax: plt.Axes, table: pd.DataFrame) -> None:
     x = np.arange(len(pairs))
     ours, paper = [], []
     for _, o, p in pairs:
-        ok = {"full", "dense_attention"} <= set(t.index)
-        ours.append(float(t.loc["dense_attention", o] / t.loc["full", o]) if ok else math.nan)
-        paper.append(float(t.loc["dense_attention", p] / t.loc["full", p]) if ok else math.nan)
+        ok = {reference, other} <= set(t.index)
+        ours.append(float(t.loc[other, o] / t.loc[reference, o]) if ok else math.nan)
+        paper.append(float(t.loc[other, p] / t.loc[reference, p]) if ok else math.nan)
     ax.bar(x - 0.2, np.nan_to_num(ours), 0.4, color=OURS_COLOR, label="ours")
     ax.bar(x + 0.2, np.nan_to_num(paper), 0.4, color=PAPER_COLORS[0], label="paper")
     ax.axhline(1.0, color="k", lw=0.8)
@@ -153,17 +156,18 @@ def _cost_ratio_panel(ax: plt.Axes, table: pd.DataFrame) -> None:
 # Metric vs N
 
 
-def paper_curve(paper: dict[str, dict[str, Any]]) -> pd.DataFrame:
+def paper_curve(paper: dict[str, dict[str, Any]], spec: TableSpec) -> pd.DataFrame:
+    """The paper's APb/APm against N over the rows of the interactions table (``paper`` keyed by variant)."""
     rows = [
         {"N": paper[v]["N"], "APb": paper[v]["APb"], "APm": paper[v]["APm"], "variant": v}
-        for v in ("baseline", "n1", "n2", "full", "n6")
+        for v in (r.variant for r in spec.rows)
         if v in paper and paper[v]["APb"] is not None
     ]
-    return pd.DataFrame(rows).sort_values("N").reset_index(drop=True)
+    return pd.DataFrame(rows, columns=["N", "APb", "APm", "variant"]).sort_values("N").reset_index(drop=True)
 
 
 def plot_metric_vs_n(
-    table: pd.DataFrame, runs: pd.DataFrame, paper: dict[str, dict[str, Any]], metric: str, path: Path
+    table: pd.DataFrame, runs: pd.DataFrame, paper: dict[str, dict[str, Any]], spec: TableSpec, metric: str, path: Path
 ) -> Path:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.4, 3.4), layout="constrained")
     t = table[table["n"] > 0].sort_values("N")
@@ -174,7 +178,7 @@ def plot_metric_vs_n(
     ax.set_xlabel("number of interactions N (0 = ViT baseline)")
     ax.set_ylabel(f"ours: {metric}")
     ax.set_title(f"ours ({metric}, mean ± std, dots = seeds)", fontsize=9)
-    pc = paper_curve(paper)
+    pc = paper_curve(paper, spec)
     for j, m in enumerate(("APb", "APm")):
         bx.plot(pc["N"], pc[m], "s-", color=PAPER_COLORS[j], label=f"paper {m}")
     bx.set_xlabel("number of interactions N")
@@ -207,11 +211,14 @@ def read_history(run_dir: Path, metric: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["iter", metric]).astype(float)
 
 
-def curves(runs: pd.DataFrame, runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Long tables (variant, iter, mean, std, n_seeds) of the training loss and the eval metric; the mean at an
-    iteration is over the seeds that logged it."""
+def curves(
+    runs: pd.DataFrame, runs_dir: Path, metric: str, registry: Registry | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long tables (variant, iter, mean, std, n_seeds) of the training loss and the eval metric, variants in
+    display order; the mean at an iteration is over the seeds that logged it."""
+    order = (registry or load_registry()).sort_key
     loss_rows, eval_rows = [], []
-    for variant in sorted(runs["variant"].unique(), key=variant_sort_key):
+    for variant in sorted(runs["variant"].unique(), key=order):
         names = runs.loc[runs["variant"] == variant, "run"]
         logs = [read_log(runs_dir / n)[["iter", "loss"]].assign(run=n) for n in names]
         hist = [read_history(runs_dir / n, metric).assign(run=n) for n in names]
@@ -228,10 +235,13 @@ def curves(runs: pd.DataFrame, runs_dir: Path, metric: str) -> tuple[pd.DataFram
     return loss, ev
 
 
-def plot_train_curves(loss: pd.DataFrame, ev: pd.DataFrame, metric: str, path: Path) -> Path:
+def plot_train_curves(
+    loss: pd.DataFrame, ev: pd.DataFrame, metric: str, path: Path, registry: Registry | None = None
+) -> Path:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     cmap = plt.get_cmap("tab20")
-    for i, variant in enumerate(sorted(set(loss["variant"]) | set(ev["variant"]), key=variant_sort_key)):
+    order = (registry or load_registry()).sort_key
+    for i, variant in enumerate(sorted(set(loss["variant"]) | set(ev["variant"]), key=order)):
         color = cmap(i % 20)
         for a, df in ((ax, loss), (bx, ev)):
             d = df[df["variant"] == variant]
@@ -317,8 +327,10 @@ def make_plots(
     runs_dir: Path | None = None,
     paper_path: Path | None = None,
     pretrain_json: Path | None = None,
+    registry_path: Path | None = None,
 ) -> list[Path]:
     """Every figure into ``out_dir`` and the dvc-plots CSVs into ``<results>/plots/``; returns all paths."""
+    registry = load_registry(registry_path)
     _style()
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     runs_dir = Path(runs_dir) if runs_dir is not None else results_dir / "runs"
@@ -327,23 +339,25 @@ def make_plots(
             raise FileNotFoundError(f"{results_dir / name} not found; run vit_adapter.analysis.aggregate first")
     runs = pd.read_csv(results_dir / "runs.csv")
     summary = pd.read_csv(results_dir / "summary.csv")
-    paper = load_paper_numbers(paper_path)
+    paper = paper_by_variant(registry, paper_path)
     metric = _metric_of(summary)
     plots_dir = results_dir / "plots"
     written: list[Path] = []
-    for spec in TABLES:
+    for spec in registry.tables:
         table = pd.read_csv(results_dir / f"{spec.name}.csv")
         written.append(plot_table(table, spec, runs, metric, out_dir / f"{spec.name}.png"))
-    inter = pd.read_csv(results_dir / "table6_interactions.csv")
-    written.append(plot_metric_vs_n(inter, runs, paper, metric, out_dir / "metric_vs_n.png"))
-    ours_n = inter[inter["n"] > 0][["N", "variant", f"{metric}_mean", f"{metric}_std", "n"]].sort_values("N")
-    # Generic column names, so that dvc.yaml's plot definitions hold for every task's metric.
-    ours_n = ours_n.rename(columns={f"{metric}_mean": "mean", f"{metric}_std": "std"}).assign(metric=metric)
-    written.append(write_csv(ours_n, plots_dir / "metric_vs_n.csv"))
-    written.append(write_csv(paper_curve(paper), plots_dir / "paper_metric_vs_n.csv"))
+    n_spec = registry.table_with("interactions")
+    if n_spec is not None:
+        inter = pd.read_csv(results_dir / f"{n_spec.name}.csv")
+        written.append(plot_metric_vs_n(inter, runs, paper, n_spec, metric, out_dir / "metric_vs_n.png"))
+        ours_n = inter[inter["n"] > 0][["N", "variant", f"{metric}_mean", f"{metric}_std", "n"]].sort_values("N")
+        # Generic column names, so that dvc.yaml's plot definitions hold for every task's metric.
+        ours_n = ours_n.rename(columns={f"{metric}_mean": "mean", f"{metric}_std": "std"}).assign(metric=metric)
+        written.append(write_csv(ours_n, plots_dir / "metric_vs_n.csv"))
+        written.append(write_csv(paper_curve(paper, n_spec), plots_dir / "paper_metric_vs_n.csv"))
 
-    loss, ev = curves(runs, runs_dir, metric)
-    written.append(plot_train_curves(loss, ev, metric, out_dir / "train_curves.png"))
+    loss, ev = curves(runs, runs_dir, metric, registry)
+    written.append(plot_train_curves(loss, ev, metric, out_dir / "train_curves.png", registry))
     written.append(write_csv(loss, plots_dir / "train_curves.csv"))
     written.append(write_csv(ev, plots_dir / "eval_curves.csv"))
     for variant, d in loss.groupby("variant", sort=True):  # one file per variant: dvc overlays files as lines
@@ -371,10 +385,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=None, help="run directories (default <results>/runs)")
     p.add_argument("--paper", type=Path, default=None, help="paper numbers YAML (default ablations/paper_numbers.yml)")
     p.add_argument("--pretrain-json", type=Path, default=None, help="pretraining sidecar JSON (optional figure)")
+    p.add_argument("--registry", type=Path, default=None, help="ablation registry (default ablations/index.yml)")
     args = p.parse_args(argv)
     try:
         written = make_plots(
-            args.results, args.out, runs_dir=args.runs, paper_path=args.paper, pretrain_json=args.pretrain_json
+            args.results,
+            args.out,
+            runs_dir=args.runs,
+            paper_path=args.paper,
+            pretrain_json=args.pretrain_json,
+            registry_path=args.registry,
         )
     except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,7 +5,9 @@
 
 Every number comes from ``results/`` (runs.csv, summary.csv, the table CSVs, attention_cost.csv), the run
 directories (config.yaml, run.json), ``ablations/paper_numbers.yml`` or an optional input file; sentences in the
-summary and discussion are computed from those numbers. No timestamps: the same inputs give the same bytes.
+summary and discussion are computed from those numbers. The tables, the findings checked and the variants each
+sentence is about (by role: reference, baseline, ...) come from the registry ``ablations/index.yml``. No
+timestamps: the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +27,16 @@ import yaml
 
 from vit_adapter.engine.rundir import REPO_ROOT, atomic_write_json, atomic_write_text
 
-from .aggregate import paired_delta, variant_sort_key
+from .registry import Registry, load_registry
 from .stats import BOOTSTRAP_MIN_N, DEFAULT_N_BOOT, Interval
+from .summary import paired_delta
 from .tables import (
-    TABLE_BY_NAME,
-    TABLES,
     attention_markdown,
     fmt,
     fmt_delta,
     fmt_signed,
-    load_paper_numbers,
     metric_digits,
+    paper_by_variant,
     read_table,
     render_markdown,
 )
@@ -51,24 +51,17 @@ def _ci_text(ci: Interval, digits: int) -> str:
 TARGET_RATIO = 3.0  # a margin counts as resolved when it exceeds 3x the larger seed std
 
 
-@dataclass(frozen=True)
-class Finding:
-    claim: str
-    a: str  # Δ = metric(a) − metric(b), paired by seed
-    b: str
-    source: str
+def __getattr__(name: str) -> Any:
+    """``FINDINGS`` as before; the findings are data now (``findings`` in ablations/index.yml)."""
+    if name == "FINDINGS":
+        return load_registry().findings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-FINDINGS: tuple[Finding, ...] = (
-    Finding("SPM (Variant 1) improves on the ViT baseline", "variant1_add", "baseline", "Table 6 (left)"),
-    Finding("injector (Variant 2) improves on Variant 1", "variant2_injector", "variant1_add", "Table 6 (left)"),
-    Finding("extractor (full model) improves on Variant 2", "full", "variant2_injector", "Table 6 (left)"),
-    Finding("ViT-Adapter improves on the ViT baseline", "full", "baseline", "Table 6 (left)"),
-    Finding("N=4 improves on N=1", "full", "n1", "Table 6 (right)"),
-    Finding("N=4 improves on N=2", "full", "n2", "Table 6 (right)"),
-    Finding("N=6 brings no further gain over N=4", "n6", "full", "Table 6 (right)"),
-    Finding("deformable attention beats dense (global) attention", "full", "dense_attention", "Table 7"),
-)
+def _paper_value(paper: dict[str, dict[str, Any]], variant: str, key: str) -> float:
+    """A paper number of a variant's row; NaN when the variant has no row or the paper no number."""
+    value = paper.get(variant, {}).get(key)
+    return math.nan if value is None else value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,10 +134,17 @@ def _verdict(paper_delta: float, ci: Interval) -> tuple[str, str, str]:
     return "no", "yes" if excl else "no", "opposite sign, significant" if excl else "opposite sign, not significant"
 
 
-def findings_frame(runs: pd.DataFrame, paper: dict[str, dict[str, Any]], metric: str, n_boot: int) -> pd.DataFrame:
+def findings_frame(
+    runs: pd.DataFrame,
+    paper: dict[str, dict[str, Any]],
+    metric: str,
+    n_boot: int,
+    registry: Registry | None = None,
+) -> pd.DataFrame:
+    """The registry's findings checked against the runs (``paper`` keyed by variant)."""
     have = set(runs["variant"])
     rows = []
-    for f in FINDINGS:
+    for f in (registry or load_registry()).findings:
         pa, pb = paper.get(f.a, {}), paper.get(f.b, {})
         d_apb = pa["APb"] - pb["APb"] if pa.get("APb") is not None and pb.get("APb") is not None else math.nan
         d_apm = pa["APm"] - pb["APm"] if pa.get("APm") is not None and pb.get("APm") is not None else math.nan
@@ -215,7 +215,9 @@ def _section_summary(fr: pd.DataFrame, metric: str, task: str, dataset: str) -> 
     return lines
 
 
-def _section_tables(results_dir: Path, figures_dir: Path, out_dir: Path, metric: str, conf: float) -> list[str]:
+def _section_tables(
+    results_dir: Path, figures_dir: Path, out_dir: Path, metric: str, conf: float, registry: Registry
+) -> list[str]:
     lines = [
         "## Tables",
         "",
@@ -224,14 +226,14 @@ def _section_tables(results_dir: Path, figures_dir: Path, out_dir: Path, metric:
         "#Param of ViT-S + Mask R-CNN) beside them. 'not run' rows have no result files.",
         "",
     ]
-    for spec in TABLES:
+    for spec in registry.tables:
         table = read_table(results_dir, spec.name)
         lines += [f"### {spec.title}", "", f"Mirrors: {spec.paper_ref}. CSV: `{spec.name}.csv`.", ""]
         lines += [render_markdown(table, spec, metric, conf), ""]
         fig = figures_dir / f"{spec.name}.png"
         if fig.is_file():
             lines += [f"![{spec.title}]({_rel(fig, out_dir)})", ""]
-        if spec.name == "table6_interactions" and (figures_dir / "metric_vs_n.png").is_file():
+        if spec.extra == "interactions" and (figures_dir / "metric_vs_n.png").is_file():
             lines += [f"![metric vs N]({_rel(figures_dir / 'metric_vs_n.png', out_dir)})", ""]
     for name, title in (("train_curves", "Training curves"), ("cost_vs_metric", "Cost vs accuracy")):
         fig = figures_dir / f"{name}.png"
@@ -291,7 +293,11 @@ def _section_attention(results_dir: Path, figures_dir: Path, out_dir: Path, benc
 
 
 def _section_method(
-    runs: pd.DataFrame, configs: dict[str, Any], metas: dict[str, Any], profile_info: dict[str, Any]
+    runs: pd.DataFrame,
+    configs: dict[str, Any],
+    metas: dict[str, Any],
+    profile_info: dict[str, Any],
+    registry: Registry,
 ) -> list[str]:
     lines = [
         "## Method",
@@ -303,7 +309,8 @@ def _section_method(
     if not configs:
         return lines + ["No config.yaml found in the run directories.", ""]
     flat = {run: _flatten(cfg) for run, cfg in configs.items()}
-    ref_run = next((r for r in runs.loc[runs["variant"] == "full", "run"] if r in flat), next(iter(flat)))
+    reference = runs.loc[runs["variant"] == registry.reference, "run"]
+    ref_run = next((r for r in reference if r in flat), next(iter(flat)))
     ref = flat[ref_run]
     keys = [
         ("task", "model.task"),
@@ -346,7 +353,7 @@ def _section_method(
                 variant = run.split("/")[0] if "/" in run else run.rsplit("-s", 1)[0]
                 by_value.setdefault(_show(v), set()).add(variant)
             text = "; ".join(
-                f"{value} ({', '.join(sorted(vs, key=variant_sort_key))})"
+                f"{value} ({', '.join(sorted(vs, key=registry.sort_key))})"
                 for value, vs in sorted(by_value.items(), key=lambda kv: -len(kv[1]))
             )
             diffs.append(f"- `{key}`: {text}")
@@ -488,65 +495,73 @@ def _section_discussion(
     paper: dict[str, dict[str, Any]],
     metric: str,
     n_boot: int,
+    registry: Registry,
 ) -> list[str]:
+    """Sentences about the variants holding the registry's roles (reference = the full model, baseline,
+    compute_matched, attention) and every table row that `removes` a component; ``paper`` keyed by variant."""
     s = summary.set_index("variant")
     have = set(s.index)
     dg = metric_digits(metric)
     lines = ["## Discussion (every statement computed from the tables above)", ""]
-    if {"full", "baseline"} <= have:
-        ci = paired_delta(runs, metric, "full", "baseline", n_boot=n_boot)
-        big_std = max(float(s.loc["full", "std"]), float(s.loc["baseline", "std"]))
+    full, base = registry.reference, registry.role("baseline")
+    matched, dense = registry.role("compute_matched"), registry.role("attention")
+    if base is not None and {full, base} <= have:
+        ci = paired_delta(runs, metric, full, base, n_boot=n_boot)
+        big_std = max(float(s.loc[full, "std"]), float(s.loc[base, "std"]))
         ratio = ci.estimate / big_std if big_std > 0 else math.nan
         verdict = "meets" if ratio > TARGET_RATIO else "does not meet"
+        paper_margin = _paper_value(paper, full, "APb") - _paper_value(paper, base, "APb")
         lines.append(
             f"- The full model's margin over the ViT baseline is {_signed(ci.estimate, dg)} ± "
             f"{fmt(ci.half_width, dg)} {metric} ({_ci_text(ci, dg)}, {ci.n} paired seeds), i.e. {fmt(ratio, 1)}× the "
             f"larger seed std ({fmt(big_std, dg)}); this {verdict} the > {TARGET_RATIO:g}× target. The paper's "
-            f"margin is {_signed(paper['full']['APb'] - paper['baseline']['APb'], 1)} APb."
+            f"margin is {_signed(paper_margin, 1)} APb."
         )
-    if {"full", "baseline_compute_matched"} <= have:
-        ci = paired_delta(runs, metric, "full", "baseline_compute_matched", n_boot=n_boot)
-        wall = _ratio(float(s.loc["baseline_compute_matched", "wall_time_s"]), float(s.loc["full", "wall_time_s"]))
-        iters = _ratio(float(s.loc["baseline_compute_matched", "n_iters"]), float(s.loc["full", "n_iters"]))
+    if matched is not None and {full, matched} <= have:
+        ci = paired_delta(runs, metric, full, matched, n_boot=n_boot)
+        wall = _ratio(float(s.loc[matched, "wall_time_s"]), float(s.loc[full, "wall_time_s"]))
+        iters = _ratio(float(s.loc[matched, "n_iters"]), float(s.loc[full, "n_iters"]))
         sig = "significant" if ci.excludes_zero else "not significant"
         lines.append(
             f"- At equal wall-clock (the baseline ran {fmt(iters, 2)}× the iterations and {fmt(wall, 2)}× the wall "
             f"time of the full model) the full model's margin is {_signed(ci.estimate, dg)} {metric} "
             f"({_ci_text(ci, dg)}; {sig}). The paper compares equal schedules only."
         )
-    removals = (
-        ("no_spm", "the SPM (our definition: docs/ablations.md)"),
-        ("no_injector", "the injector"),
-        ("variant2_injector", "the extractor (= Variant 2, which also keeps the ViT-baseline output neck)"),
-    )
-    for variant, what in removals:
-        if {"full", variant} <= have:
-            ci = paired_delta(runs, metric, variant, "full", n_boot=n_boot)
+    stated: set[tuple[str, str]] = set()  # a row in two tables is stated once
+    for spec in registry.tables:
+        for row in spec.rows:
+            pair = (row.variant, spec.reference)
+            if row.removes is None or pair in stated or not set(pair) <= have:
+                continue
+            stated.add(pair)
+            ci = paired_delta(runs, metric, row.variant, spec.reference, n_boot=n_boot)
             if ci.n >= 2:
                 sig = "CI excludes 0" if ci.excludes_zero else "CI includes 0"
+                whom = "the full model" if spec.reference == full else f"`{spec.reference}`"
                 lines.append(
-                    f"- Removing {what} from the full model changes {metric} by {_signed(ci.estimate, dg)} "
+                    f"- Removing {row.removes} from {whom} changes {metric} by {_signed(ci.estimate, dg)} "
                     f"({_ci_text(ci, dg)}; {sig})."
                 )
-    if {"full", "dense_attention"} <= have:
-        f, d = s.loc["full"], s.loc["dense_attention"]
+    if dense is not None and {full, dense} <= have:
+        f, d = s.loc[full], s.loc[dense]
         ours = [_ratio(d[c], f[c]) for c in ("s_per_iter", "peak_memory_mb", "flops_G")]
-        pf, pd_ = paper["full"], paper["dense_attention"]
-        theirs = [_ratio(pd_[c], pf[c]) for c in ("train_time_s", "memory_G", "flops_G")]
+        theirs = [_ratio(_paper_value(paper, dense, c), _paper_value(paper, full, c))
+                  for c in ("train_time_s", "memory_G", "flops_G")]  # fmt: skip
         lines.append(
             "- Dense/deformable cost ratios, ours vs the paper's: time per iteration "
             f"{fmt(ours[0], 2)}× vs {fmt(theirs[0], 2)}×, memory {fmt(ours[1], 2)}× vs {fmt(theirs[1], 2)}×, FLOPs "
             f"{fmt(ours[2], 2)}× vs {fmt(theirs[2], 2)}× (our FLOPs omit grid_sample; the paper trains at "
             "1333×800, where the dense attention's quadratic term dominates, and does not state its FLOPs input size)."
         )
-    if {"full", "baseline"} <= have:
-        added = float(s.loc["full", "params_backbone_M"] - s.loc["baseline", "params_backbone_M"])
-        rel = added / float(s.loc["baseline", "params_total_M"])
-        p_added = paper["full"]["params_M"] - paper["baseline"]["params_M"]
+    if base is not None and {full, base} <= have:
+        added = float(s.loc[full, "params_backbone_M"] - s.loc[base, "params_backbone_M"])
+        rel = added / float(s.loc[base, "params_total_M"])
+        p_base = _paper_value(paper, base, "params_M")
+        p_added = _paper_value(paper, full, "params_M") - p_base
         lines.append(
             f"- Parameters: the adapter adds {fmt(added, 3)} M to our backbone ({fmt(100 * rel, 1)}% of the baseline "
-            f"model's {fmt(float(s.loc['baseline', 'params_total_M']), 3)} M); in the paper it adds "
-            f"{fmt(p_added, 1)} M ({fmt(100 * p_added / paper['baseline']['params_M'], 1)}%)."
+            f"model's {fmt(float(s.loc[base, 'params_total_M']), 3)} M); in the paper it adds "
+            f"{fmt(p_added, 1)} M ({fmt(100 * p_added / p_base, 1)}%)."
         )
     tested = fr[(fr["n_pairs"] >= 2) & fr["lo"].notna()]
     if len(tested):
@@ -603,15 +618,17 @@ def _section_timings(
     return lines
 
 
-def _section_pretrain(pretrain_json: Path | None, figures_dir: Path, out_dir: Path, results_dir: Path) -> list[str]:
+def _section_pretrain(
+    pretrain_json: Path | None, figures_dir: Path, out_dir: Path, results_dir: Path, registry: Registry
+) -> list[str]:
     lines = ["## Stand-in pretraining", ""]
-    # (table CSV, pretrained row, scratch row, what is compared): each Δ is scratch − pretrained, paired by seed.
-    pairs = (
-        ("pretraining", "baseline", "baseline_scratch", "the ViT baseline"),
-        ("pretraining_adapter", "full", "full_scratch", "the full ViT-Adapter"),
-    )
-    for name, pretrained, scratch, what in pairs:
-        table = results_dir / f"{name}.csv"
+    # Each registry table with `pretraining`: its reference is the pretrained row, its other row the random-init
+    # one; the table's Δ is scratch − pretrained, paired by seed.
+    for spec in registry.tables:
+        if spec.pretraining is None:
+            continue
+        pretrained, scratch, what = spec.reference, spec.others[0], spec.pretraining
+        table = results_dir / f"{spec.name}.csv"
         if not table.is_file():
             continue
         df = pd.read_csv(table).set_index("variant")
@@ -624,7 +641,7 @@ def _section_pretrain(pretrain_json: Path | None, figures_dir: Path, out_dir: Pa
         verdict = "the pretrained ViT is better" if lo > 0 else "the random init is better" if hi < 0 else (
             "no significant difference")  # fmt: skip
         lines += [
-            f"Downstream, {what} (table '{TABLE_BY_NAME[name].title}'): from the pretrained ViT minus the same run "
+            f"Downstream, {what} (table '{spec.title}'): from the pretrained ViT minus the same run "
             f"from a random ViT = {fmt_signed(d, 2)} {metric} (95% CI [{fmt(lo, 2)}, {fmt(hi, 2)}], "
             f"{int(r['delta_n'])} paired seeds): {verdict}.",
             "",
@@ -785,19 +802,21 @@ def write_report(
     dvc_lock: Path | None = None,
     n_boot: int = DEFAULT_N_BOOT,
     findings_json: Path | None = None,
+    registry_path: Path | None = None,
 ) -> Path:
     """Write the report (and, with `findings_json`, the verdict table as JSON); returns its path.
 
-    Raises FileNotFoundError if aggregate's outputs are missing."""
+    Raises FileNotFoundError if aggregate's outputs are missing, RegistryError (a ValueError) for a bad registry."""
+    registry = load_registry(registry_path)
     results_dir, figures_dir, out_md = Path(results_dir), Path(figures_dir), Path(out_md)
     runs_dir = Path(runs_dir) if runs_dir is not None else results_dir / "runs"
-    needed = ["runs.csv", "summary.csv"] + [f"{t.name}.csv" for t in TABLES]
+    needed = ["runs.csv", "summary.csv"] + [f"{t.name}.csv" for t in registry.tables]
     missing = [n for n in needed if not (results_dir / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{results_dir} lacks {', '.join(missing)}; run vit_adapter.analysis.aggregate first")
     runs = pd.read_csv(results_dir / "runs.csv")
     summary = pd.read_csv(results_dir / "summary.csv")
-    paper = load_paper_numbers(paper_path)
+    paper = paper_by_variant(registry, paper_path)
     metric = str(summary["metric"].iloc[0])
     conf = float(summary["conf"].iloc[0])
     overhead_json = overhead_json if overhead_json is not None else results_dir / "overhead.json"
@@ -806,7 +825,7 @@ def write_report(
     metas = _run_files(runs, runs_dir, "run.json")
     task = str(runs["task"].iloc[0])
     datasets = _distinct([(c.get("data") or {}).get("dataset") for c in configs.values()])
-    fr = findings_frame(runs, paper, metric, n_boot)
+    fr = findings_frame(runs, paper, metric, n_boot, registry)
 
     out_dir = out_md.parent
     lines = [
@@ -818,14 +837,14 @@ def write_report(
         "",
     ]
     lines += _section_summary(fr, metric, task, ", ".join(map(_show, datasets)) or "unknown data")
-    lines += _section_tables(results_dir, figures_dir, out_dir, metric, conf)
+    lines += _section_tables(results_dir, figures_dir, out_dir, metric, conf, registry)
     lines += _section_attention(results_dir, figures_dir, out_dir, results_dir / "attention_cost.json")
-    lines += _section_method(runs, configs, metas, profile_info)
+    lines += _section_method(runs, configs, metas, profile_info, registry)
     lines += _section_timings(results_dir, pretrain_json, sweep_dir, timings)
     lines += _section_inputs(shared_inputs(runs, pretrain_json, sweep_dir))
     lines += _section_environment(metas, dvc_lock)
-    lines += _section_discussion(runs, summary, fr, paper, metric, n_boot)
-    lines += _section_pretrain(pretrain_json, figures_dir, out_dir, results_dir)
+    lines += _section_discussion(runs, summary, fr, paper, metric, n_boot, registry)
+    lines += _section_pretrain(pretrain_json, figures_dir, out_dir, results_dir, registry)
     lines += _section_overhead(overhead_json)
     lines += _section_sweeps(sweep_dir, out_dir)
     lines += _section_regenerate()
@@ -880,6 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overhead-json", type=Path, default=None, help="bench/overhead.py --json output")
     p.add_argument("--dvc-lock", type=Path, default=None, help="dvc.lock to fingerprint (default: repo root)")
     p.add_argument("--findings-json", type=Path, default=None, help="also write the verdict table as JSON here")
+    p.add_argument("--registry", type=Path, default=None, help="ablation registry (default ablations/index.yml)")
     args = p.parse_args(argv)
     try:
         profile_info = _load_mapping(args.profile_info, "profile info")
@@ -897,6 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overhead_json=args.overhead_json,
             dvc_lock=args.dvc_lock,
             findings_json=args.findings_json,
+            registry_path=args.registry,
         )
     except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)

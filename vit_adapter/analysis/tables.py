@@ -1,16 +1,16 @@
 """Paper-mirroring tables: our mean ± std (n), Δ vs the full model (or the table's reference row) with its CI,
 and the paper's numbers beside.
 
-Every table is built from ``collect_runs`` + ``summarise`` output and ``ablations/paper_numbers.yml``; nothing is
-typed in here except row labels. Our metric columns are named after our metric (``mIoU_mean``, ...), the paper's
-after the paper's (``paper_APb``, ``paper_APm``, ``paper_params_M``, ...): different tasks, different scales.
+Every table is built from ``collect_runs`` + ``summarise`` output and ``ablations/paper_numbers.yml``; which tables
+exist and their rows (labels, order) come from the registry ``ablations/index.yml``. Our metric columns are
+named after our metric (``mIoU_mean``, ...), the paper's after the paper's (``paper_APb``, ``paper_APm``,
+``paper_params_M``, ...): different tasks, different scales.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,129 +20,45 @@ import yaml
 
 from vit_adapter.engine.rundir import REPO_ROOT, atomic_write_text
 
-from .aggregate import REFERENCE, summarise, write_csv
+from .registry import Registry, TableSpec, load_registry
+from .summary import summarise, write_csv
 
 PAPER_NUMBERS = REPO_ROOT / "ablations" / "paper_numbers.yml"
 PAPER_KEYS = ("table", "label", "N", "APb", "APm", "params_M", "flops_G", "train_time_s", "memory_G", "complexity")
 PAPER_METRICS = ("APb", "APm")
 
 
-@dataclass(frozen=True)
-class Row:
-    variant: str
-    label: str
-    optional: bool = False  # dropped when not run (N=6 on the CPU default, whose depth 4 does not admit it)
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    name: str  # CSV stem in results/ and PNG stem in reports/figures/
-    title: str
-    paper_ref: str  # which paper table the rows mirror
-    rows: tuple[Row, ...]
-    extra: str | None = None  # "components" | "interactions": the paper's descriptive columns
-    costs: tuple[str, ...] = ()  # our cost columns (summary names)
-    paper_costs: tuple[str, ...] = ()  # paper cost columns (paper_numbers keys)
-    reference: str = REFERENCE  # the row every Δ is paired against
-
-
-TABLES: tuple[TableSpec, ...] = (
-    TableSpec(
-        "table6_components",
-        "Components (paper Table 6, left)",
-        "Table 6 (left)",
-        (
-            Row("baseline", "ViT baseline"),
-            Row("variant1_add", "Variant 1: +SPM (add)"),
-            Row("variant2_injector", "Variant 2: +injector"),
-            Row("full", "ViT-Adapter: +extractor"),
-        ),
-        extra="components",
-    ),
-    TableSpec(
-        "leave_one_out",
-        "Leave-one-out (ours; each component removed from the full model)",
-        "none (our rows; 'no extractor' = Table 6 Variant 2)",
-        (
-            Row("full", "ViT-Adapter (all components)"),
-            Row("no_spm", "no SPM"),
-            Row("no_injector", "no injector"),
-            Row("variant2_injector", "no extractor (= Variant 2)"),
-        ),
-        extra="components",
-    ),
-    TableSpec(
-        "table6_interactions",
-        "Number of interactions N (paper Table 6, right)",
-        "Table 6 (right)",
-        (
-            Row("baseline", "N=0 (ViT baseline)"),
-            Row("n1", "N=1"),
-            Row("n2", "N=2"),
-            Row("full", "N=4 (ViT-Adapter)"),
-            Row("n6", "N=6", optional=True),
-        ),
-        extra="interactions",
-    ),
-    TableSpec(
-        "table7_attention",
-        "Attention type (paper Table 7)",
-        "Table 7",
-        (Row("full", "Deformable"), Row("dense_attention", "Global (dense)")),
-        costs=("flops_G", "s_per_iter", "peak_memory_mb"),
-        paper_costs=("flops_G", "train_time_s", "memory_G", "complexity"),
-    ),
-    TableSpec(
-        "compute_matched",
-        "ViT baseline at equal schedule vs equal wall-clock (ours)",
-        "none (ours; the paper compares equal schedules)",
-        (
-            Row("baseline", "ViT baseline, equal schedule"),
-            Row("baseline_compute_matched", "ViT baseline, equal wall-clock"),
-            Row("full", "ViT-Adapter"),
-        ),
-        costs=("n_iters", "s_per_iter", "wall_time_s"),
-    ),
-    TableSpec(
-        "pretraining",
-        "Pretrained vs randomly initialised ViT (ours; the offline stand-in for ImageNet pretraining)",
-        "none (ours; the paper always starts from DeiT weights)",
-        (
-            Row("baseline", "ViT baseline, pretrained ViT"),
-            Row("baseline_scratch", "ViT baseline, random init"),
-        ),
-        reference="baseline",
-    ),
-    TableSpec(
-        "pretraining_adapter",
-        "Pretrained vs randomly initialised ViT inside the full ViT-Adapter (ours)",
-        "none (ours; the paper always starts from DeiT weights)",
-        (
-            Row("full", "ViT-Adapter, pretrained ViT"),
-            Row("full_scratch", "ViT-Adapter, random-init ViT"),
-        ),
-        reference="full",
-    ),
-)
-TABLE_BY_NAME = {t.name: t for t in TABLES}
+def __getattr__(name: str) -> Any:
+    """``TABLES`` and ``TABLE_BY_NAME`` as before, now read from the registry when first asked for."""
+    if name == "TABLES":
+        return load_registry().tables
+    if name == "TABLE_BY_NAME":
+        return {t.name: t for t in load_registry().tables}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_paper_numbers(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
-    """Variant → the paper's row (keys ``PAPER_KEYS``; None where the paper reports nothing)."""
+    """Paper row name → the paper's row (keys ``PAPER_KEYS``; None where the paper reports nothing). The rows are
+    named as the variants that read them; ``paper_by_variant`` maps them through the registry."""
     path = Path(path) if path is not None else PAPER_NUMBERS
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"cannot read paper numbers {path}: {err}") from err
     variants = raw.get("variants") if isinstance(raw, dict) else None
-    if not isinstance(variants, dict) or REFERENCE not in variants:
-        raise ValueError(f"paper numbers {path} need a 'variants' mapping that includes {REFERENCE!r}")
+    if not isinstance(variants, dict) or not variants:
+        raise ValueError(f"paper numbers {path} need a non-empty 'variants' mapping")
     out = {}
     for name, row in variants.items():
         if not isinstance(row, dict) or set(row) != set(PAPER_KEYS):
             raise ValueError(f"paper numbers {path}: row {name!r} must have exactly the keys {', '.join(PAPER_KEYS)}")
         out[name] = dict(row)
     return out
+
+
+def paper_by_variant(registry: Registry, path: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Variant → its paper row (the registry's ``paper`` key; variants without one have no entry)."""
+    return registry.paper_rows(load_paper_numbers(path), path if path is not None else PAPER_NUMBERS)
 
 
 def _paper(paper: dict[str, dict[str, Any]], variant: str, key: str) -> Any:
@@ -171,10 +87,12 @@ def _components(run: pd.Series | None) -> dict[str, str]:
 def build_table(
     spec: TableSpec, runs: pd.DataFrame, summary: pd.DataFrame, paper: dict[str, dict[str, Any]], metric: str
 ) -> pd.DataFrame:
-    """One paper-mirroring table; rows for variants not run keep n=0 and NaN (optional rows are dropped)."""
+    """One paper-mirroring table; rows for variants not run keep n=0 and NaN (optional rows are dropped).
+    ``paper`` is keyed by variant (``paper_by_variant``)."""
     by_variant = summary.set_index("variant")
     ref_paper = {m: _paper(paper, spec.reference, m) for m in PAPER_METRICS}
-    if spec.reference != REFERENCE and spec.reference in by_variant.index:  # deltas paired with this reference
+    # `summary` pairs every Δ with one reference (its "reference" row); a table with another one re-pairs.
+    if spec.reference in by_variant.index and by_variant.loc[spec.reference, "ci_method"] != "reference":
         conf = float(by_variant["conf"].iloc[0])
         by_variant = summarise(runs, metric, conf=conf, reference=spec.reference).set_index("variant")
     rows = []
@@ -217,9 +135,15 @@ def build_table(
 
 
 def build_tables(
-    runs: pd.DataFrame, summary: pd.DataFrame, paper: dict[str, dict[str, Any]], metric: str
+    runs: pd.DataFrame,
+    summary: pd.DataFrame,
+    paper: dict[str, dict[str, Any]],
+    metric: str,
+    *,
+    registry: Registry | None = None,
 ) -> dict[str, pd.DataFrame]:
-    return {spec.name: build_table(spec, runs, summary, paper, metric) for spec in TABLES}
+    specs = (registry or load_registry()).tables
+    return {spec.name: build_table(spec, runs, summary, paper, metric) for spec in specs}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,13 +243,20 @@ def render_markdown(table: pd.DataFrame, spec: TableSpec, metric: str, conf: flo
 
 
 def write_tables(
-    runs: pd.DataFrame, summary: pd.DataFrame, paper: dict[str, dict[str, Any]], out_dir: Path, metric: str
+    runs: pd.DataFrame,
+    summary: pd.DataFrame,
+    paper: dict[str, dict[str, Any]],
+    out_dir: Path,
+    metric: str,
+    *,
+    registry: Registry | None = None,
 ) -> list[Path]:
-    """``<out>/<table>.csv`` for every table plus ``<out>/tables.md`` (all of them, for reading)."""
-    built = build_tables(runs, summary, paper, metric)
+    """``<out>/<table>.csv`` for every registry table plus ``<out>/tables.md`` (all of them, for reading)."""
+    registry = registry or load_registry()
+    built = build_tables(runs, summary, paper, metric, registry=registry)
     conf = float(summary["conf"].iloc[0]) if len(summary) else 0.95
     written, md = [], [f"# Ablation tables ({metric}; Δ = variant − reference row, paired by seed)\n"]
-    for spec in TABLES:
+    for spec in registry.tables:
         written.append(write_csv(built[spec.name], out_dir / f"{spec.name}.csv"))
         body = render_markdown(built[spec.name], spec, metric, conf)
         md.append(f"## {spec.title}\n\nMirrors: {spec.paper_ref}. Δ vs `{spec.reference}`.\n\n{body}\n")
@@ -387,4 +318,3 @@ def attention_markdown(df: pd.DataFrame) -> str:
         }
     )
     return show.to_markdown(index=False, disable_numparse=True)
-

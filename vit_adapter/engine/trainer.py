@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..metrics import CocoMetric, SegMetric
+from ..models.ops import resolve_backend
 from .build import backbone_of, build_datasets, build_model, load_pretrained
 from .config import EXECUTION_KEYS, Config, config_hash, save_config
 from .identity import run_identity
@@ -518,6 +519,9 @@ def train(
     train_set, val_set, collate = build_datasets(cfg, seed)
     model = build_model(cfg)
     load_report = load_pretrained(model, cfg)
+    # Pick (and, on first use on this machine, compile) the deformable-attention backend now, before any timer
+    # runs: a kernel build inside the first step would inflate train_s_per_iter and the compute-matched schedule.
+    deform_backend = resolve_backend(device)
     model.to(device)
     if use_syncbn(cfg, d.world, device):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -551,6 +555,7 @@ def train(
             "inputs": inputs,
             "world_size": d.world,
             "device": str(device),
+            "deform_backend": deform_backend,
         }
         if load_report is not None:
             meta["pretrained"] = {"source": cfg.weights.source, "report": load_report.summary()}

@@ -152,6 +152,18 @@ inline scalar_t dot_and_axpy(int64_t n, const scalar_t* __restrict__ g, const sc
   return s + Vec<scalar_t>::sum(acc);
 }
 
+// The value rows a query samples are scattered over maps of up to a few MiB, which other ops have evicted from the
+// caches by the time the core runs: each miss would stall the loop. So the corners of a block of points are computed
+// first and their rows prefetched, and the arithmetic on them runs after, with up to 4 * kBlock misses in flight.
+constexpr int64_t kBlock = 8;
+
+template <bool kWrite, typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+    __builtin_prefetch(bytes + off, kWrite ? 1 : 0);
+}
+
 // kC > 0: the channel count is a compile-time constant (the common head widths), so the channel loops unroll into a
 // few vector instructions and the forward accumulates its output row in registers; kC = 0: any C, at run time.
 template <typename scalar_t, int64_t kC>
@@ -161,8 +173,10 @@ void forward_impl(const Geometry& g, const scalar_t* value, const scalar_t* loc,
   const int64_t token_stride = M * C;
   const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
   // Rows (b, q) are independent: each thread owns whole output rows, so no synchronisation is needed.
+  const int64_t LP = L * P;
   at::parallel_for(0, g.batch * g.queries, 8, [&](int64_t begin, int64_t end) {
-    Corners<scalar_t> c;
+    Corners<scalar_t> corners[kBlock];
+    int states[kBlock];
     for (int64_t bq = begin; bq < end; ++bq) {
       const scalar_t* v_b = value + (bq / g.queries) * g.length * token_stride;
       for (int64_t m = 0; m < M; ++m) {
@@ -172,16 +186,24 @@ void forward_impl(const Geometry& g, const scalar_t* value, const scalar_t* loc,
         scalar_t* acc = kC > 0 ? row : o;  // a local row, or the output row itself
         if (kC == 0) std::fill(o, o + C, scalar_t(0));
         const scalar_t* v_bm = v_b + m * C;
-        for (int64_t l = 0; l < L; ++l) {
-          for (int64_t p = 0; p < P; ++p) {
-            const int64_t point = (bqm * L + l) * P + p;
-            const scalar_t a = attn[point];
-            const int state = corners_of(loc[2 * point], loc[2 * point + 1], g.height[l], g.width[l], g.start[l], c);
-            if (state == 0) continue;
-            if (state < 0) {  // NaN location: NaN output, as grid_sample gives
+        for (int64_t lp0 = 0; lp0 < LP; lp0 += kBlock) {
+          const int64_t n = std::min(kBlock, LP - lp0);
+          for (int64_t i = 0; i < n; ++i) {  // point (l, p) = divmod(lp0 + i, P)
+            const int64_t l = (lp0 + i) / P, point = bqm * LP + lp0 + i;
+            Corners<scalar_t>& c = corners[i];
+            states[i] = corners_of(loc[2 * point], loc[2 * point + 1], g.height[l], g.width[l], g.start[l], c);
+            if (states[i] > 0)
+              for (int k = 0; k < 4; ++k)
+                if (c.row[k] >= 0) prefetch_row<false>(v_bm + c.row[k] * token_stride, C);
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            const Corners<scalar_t>& c = corners[i];
+            if (states[i] == 0) continue;
+            if (states[i] < 0) {  // NaN location: NaN output, as grid_sample gives
               for (int64_t ch = 0; ch < C; ++ch) acc[ch] = nan;
               continue;
             }
+            const scalar_t a = attn[bqm * LP + lp0 + i];
             for (int k = 0; k < 4; ++k) {
               if (c.row[k] < 0) continue;
               axpy(C, a * c.weight[k], v_bm + c.row[k] * token_stride, acc);
@@ -204,21 +226,39 @@ void backward_impl(const Geometry& g, const scalar_t* grad_out, const scalar_t* 
   // thread own disjoint value rows (head m's C channels), so the scatter is race-free and, with a fixed query
   // order inside a chunk, deterministic for any thread count. Each (b, q, m) is visited exactly once, so the
   // location and attention gradients are plain writes.
+  const int64_t LP = L * P;
   at::parallel_for(0, g.batch * M, 1, [&](int64_t begin, int64_t end) {
-    Corners<scalar_t> c;
+    Corners<scalar_t> corners[kBlock];
+    int states[kBlock];
     for (int64_t bm = begin; bm < end; ++bm) {
       const int64_t b = bm / M, m = bm % M;
       const scalar_t* v_bm = value + b * g.length * token_stride + m * C;
       scalar_t* gv_bm = grad_value + b * g.length * token_stride + m * C;
+      // Zeroed here, not by a memset of the whole tensor beforehand: this chunk's rows are then still in cache
+      // when the scatter below reads them back (the whole gradient is often larger than L2).
+      for (int64_t t = 0; t < g.length; ++t) std::fill(gv_bm + t * token_stride, gv_bm + t * token_stride + C, scalar_t(0));
       for (int64_t q = 0; q < g.queries; ++q) {
         const int64_t bqm = (b * g.queries + q) * M + m;
         const scalar_t* go = grad_out + bqm * C;
-        for (int64_t l = 0; l < L; ++l) {
-          const scalar_t w = static_cast<scalar_t>(g.width[l]), h = static_cast<scalar_t>(g.height[l]);
-          for (int64_t p = 0; p < P; ++p) {
-            const int64_t point = (bqm * L + l) * P + p;
+        for (int64_t lp0 = 0; lp0 < LP; lp0 += kBlock) {
+          const int64_t n = std::min(kBlock, LP - lp0);
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t l = (lp0 + i) / P, point = bqm * LP + lp0 + i;
+            Corners<scalar_t>& c = corners[i];
+            states[i] = corners_of(loc[2 * point], loc[2 * point + 1], g.height[l], g.width[l], g.start[l], c);
+            if (states[i] > 0)
+              for (int k = 0; k < 4; ++k)
+                if (c.row[k] >= 0) {
+                  prefetch_row<false>(v_bm + c.row[k] * token_stride, C);
+                  prefetch_row<true>(gv_bm + c.row[k] * token_stride, C);
+                }
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t l = (lp0 + i) / P, point = bqm * LP + lp0 + i;
+            const scalar_t w = static_cast<scalar_t>(g.width[l]), h = static_cast<scalar_t>(g.height[l]);
+            const Corners<scalar_t>& c = corners[i];
             const scalar_t a = attn[point];
-            const int state = corners_of(loc[2 * point], loc[2 * point + 1], g.height[l], g.width[l], g.start[l], c);
+            const int state = states[i];
             if (state <= 0) {
               const scalar_t fill = state < 0 ? nan : scalar_t(0);
               grad_attn[point] = fill;
@@ -278,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(const at:
   const Geometry g = check_inputs(value, shapes, loc, attn);
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == value.scalar_type(), "grad_out: contiguous, same dtype");
   TORCH_CHECK(grad_out.numel() == g.batch * g.queries * g.heads * g.channels, "grad_out shape mismatch");
-  at::Tensor grad_value = at::zeros_like(value);  // scattered into
+  at::Tensor grad_value = at::empty_like(value);  // zeroed chunk by chunk, then scattered into
   at::Tensor grad_loc = at::empty_like(loc);      // every element written
   at::Tensor grad_attn = at::empty_like(attn);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward", [&] {
