@@ -113,6 +113,8 @@ def resolve_backend(device: torch.device | str = "cpu") -> str:
     choice = _ENV_CHOICES[raw]
     if device.type == "cuda":  # the compiled kernel is CPU-only; "cpp" there means "not mmcv"
         backend = "mmcv" if choice == "auto" and mmcv_available() else "pytorch"
+    elif device.type != "cpu":  # other accelerators: the pure-PyTorch path is the only one that runs there
+        backend = "pytorch"
     elif choice == "auto":
         backend = "cpp" if cpp_available() else "pytorch"
     else:
