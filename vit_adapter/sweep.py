@@ -1003,16 +1003,21 @@ def _references_doc(plan: Plan, *, run_missing: bool) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def load_existing_study(plan: Plan, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """The plan's study from `storage`; a one-line SweepError (storage URL redacted) when it is not there."""
+    try:
+        return optuna.load_study(study_name=plan.study_name, storage=storage)
+    except KeyError as err:
+        where = redact(plan.settings.storage)
+        raise SweepError(f"no study {plan.study_name!r} in {where}; run the sweep first") from err
+
+
 def write_outputs(settings: SweepSettings, wall_s: float | None = None) -> dict[str, Any]:
     """trials.csv, best_params.json, plots/*.png, summary.json from the storage (+ reference_points.json).
 
     Reads only the storage and the reference runs, so it works on a machine that ran none of the trials."""
     plan = plan_sweep(settings)
-    storage = open_storage(plan, create=False)
-    try:
-        study = optuna.load_study(study_name=plan.study_name, storage=storage)
-    except KeyError as err:
-        raise SweepError(f"no study {plan.study_name!r} in {redact(settings.storage)}; run the sweep first") from err
+    study = load_existing_study(plan, open_storage(plan, create=False))
     d = plan.study_dir
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -1092,10 +1097,7 @@ def export_study(settings: SweepSettings) -> dict[str, Any]:
         raise SweepError("export copies a study out of an RDB storage; set --storage (or sweep.storage)")
     plan = plan_sweep(settings)
     source = open_storage(plan, create=False)
-    try:
-        study = optuna.load_study(study_name=plan.study_name, storage=source)
-    except KeyError as err:
-        raise SweepError(f"no study {plan.study_name!r} in {redact(settings.storage)}; run the sweep first") from err
+    study = load_existing_study(plan, source)
     trials = study.get_trials(deepcopy=False)
     unfinished = [t.number for t in trials if not t.state.is_finished()]
     if unfinished:  # copied as RUNNING, they would look interrupted to the journal's liveness check

@@ -446,7 +446,7 @@ def shared_inputs(runs: pd.DataFrame, pretrain_json: Path | None, sweep_dir: Pat
             )
     summary = Path(sweep_dir) / "summary.json" if sweep_dir is not None else None
     if summary is not None and summary.is_file():
-        sweep_inputs = (_read_json(summary).get("plan") or {}).get("inputs") or _read_json(summary).get("inputs")
+        sweep_inputs = _read_json(summary).get("inputs")  # sweep.write_outputs records the study's digests
         if isinstance(sweep_inputs, dict):
             out["sweep"] = {k: sweep_inputs.get(k) for k in ("code", "data", "weights")}
             for key in ("data", "weights"):
