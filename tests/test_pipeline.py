@@ -97,6 +97,19 @@ def micro_repo(tmp_path_factory) -> Path:
             "n_train": 32,
             "n_val": 16,
             "warmup_steps": 1,
+            # The default's two phases, micro-sized: scene tokens continuing from an item classifier.
+            "objective": "scene_tokens",
+            "init_from": "weights/vit_micro_items.safetensors",
+            "first": {
+                "objective": "classify",
+                "image_size": 32,
+                "steps": 2,
+                "batch_size": 8,
+                "n_train": 32,
+                "n_val": 16,
+                "warmup_steps": 1,
+                "seed": 0,
+            },
         },
         bench={
             "attention_sizes": "32,64",

@@ -14,18 +14,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 class UsageError(ValueError):
     """Bad command-line input; reported as one line with exit code 2."""
 
 
 def _parse_flag(item: str) -> tuple[str, Any]:
+    """`key=value` with the value read as the config files are (YAML 1.2 numbers: `1e-4` is a float)."""
+    from .engine.config import parse_yaml
+
     key, sep, raw = item.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
         raise UsageError(f"--set expects key=value, got {item!r}")
-    return key.strip(), yaml.safe_load(raw)
+    return key.strip(), parse_yaml(raw, f"--set {key.strip()}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,6 +100,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         seed=args.data_seed,
         overwrite=args.overwrite,
         workers=args.workers,
+        progress=not args.quiet,
         **gen,
     )
     n = len(manifest.get("files", {}))
@@ -131,23 +133,80 @@ def _train_config(args: argparse.Namespace):
     return config_from_args(args)
 
 
+def _missing_weights(cfg: Any) -> Path | None:
+    """The configured weights file when weights.source names a local file that does not exist, else None."""
+    from .engine.build import _abs
+    from .engine.weights import source_kind
+
+    src = cfg.weights.source
+    if cfg.weights.init != "pretrained" or not src or source_kind(str(src)) != "file":
+        return None
+    path = _abs(src)
+    return None if path.is_file() else path
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine.trainer import train
+    from .engine.weights import WeightsError
 
     cfg = _train_config(args)
-    result = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        result = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
+    except WeightsError as err:
+        if (path := _missing_weights(cfg)) is None:
+            raise
+        raise UsageError(
+            f"weights file not found: {path} (weights.source); `dvc repro weights` (or `make repro`) rebuilds the "
+            f"default's pretrained ViT, `vit-adapter pretrain --out {path}` makes one with your settings, "
+            "--set weights.init=scratch trains without it"
+        ) from err
     print(json.dumps(result["final"], sort_keys=True))
     return 0
 
 
+def _run_checkpoint(run_dir: Path) -> Path:
+    """The newest `checkpoints/iter_*.pt` of a run directory (a finished run keeps only its final one)."""
+    import re
+
+    found = []
+    folder = run_dir / "checkpoints"
+    if folder.is_dir():
+        found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := re.match(r"^iter_(\d+)\.pt$", p.name)))
+    if not found:
+        raise UsageError(
+            f"{run_dir} holds no checkpoint ({folder}/iter_*.pt); the pipeline does not keep them: retrain it with "
+            f"`vit-adapter train --config {run_dir / 'config.yaml'} --out <dir>`, or give --checkpoint"
+        )
+    return found[-1][1]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine.config import load_config
     from .engine.rundir import atomic_write_json
     from .engine.trainer import evaluate_checkpoint
 
-    cfg = _train_config(args)
+    if args.seed is not None:
+        args.sets = [*args.sets, f"train.seed={args.seed}"]
+    if args.run_dir is not None:
+        if args.config is not None:
+            raise UsageError("give a run directory or --config, not both (the run's config.yaml is its config)")
+        saved = args.run_dir / "config.yaml"
+        if not saved.is_file():
+            partial = args.run_dir.with_name(args.run_dir.name + ".partial")
+            hint = f"; an unfinished run's work dir is {partial}" if (partial / "config.yaml").is_file() else ""
+            raise UsageError(f"{args.run_dir} is not a run directory (no config.yaml){hint}")
+        cfg = load_config(saved, args.overlays, args.sets)  # train.threads etc. as the run had them
+        checkpoint = args.checkpoint or _run_checkpoint(args.run_dir)
+    else:
+        if args.checkpoint is None:
+            raise UsageError("give a run directory (vit-adapter eval RUN_DIR) or --checkpoint with --config")
+        cfg = load_config(args.config or "cpu_default", args.overlays, args.sets)
+        checkpoint = args.checkpoint
     if args.out is not None and args.out.is_dir():  # found before the evaluation's minutes, not after
         raise UsageError(f"--out {args.out} is a directory; give the metrics JSON file to write")
-    metrics = evaluate_checkpoint(cfg, args.checkpoint)
+    metrics = evaluate_checkpoint(cfg, checkpoint, progress=not args.quiet)
+    # After the fact, so that a failure stays one line (docs/faults.md).
+    print(f"vit-adapter eval: checkpoint {checkpoint}, {cfg.train.threads or 'default'} thread(s)", file=sys.stderr)
     if args.out:
         atomic_write_json(args.out, metrics)
     print(json.dumps(metrics, sort_keys=True))
@@ -185,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="scene generator seed (not the training seed)")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (output bytes do not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset generated with other parameters")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("fetch-weights", help="fetch ViT weights (timm name, URL + sha256, or local file)")
@@ -202,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, helptext in (
         ("train", cmd_train, "train (and evaluate) one configuration into a run directory"),
-        ("eval", cmd_eval, "evaluate a checkpoint on the validation split"),
+        ("eval", cmd_eval, "evaluate a run directory's final checkpoint (or any checkpoint) on the validation split"),
     ):
         p = sub.add_parser(name, help=helptext)
         add_config_args(p)
@@ -211,10 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", type=Path, required=True, help="run directory (work happens in <out>.partial)")
             p.add_argument("--no-resume", action="store_true", help="discard <out>.partial instead of resuming")
             p.add_argument("--overwrite", action="store_true", help="replace a finished run directory")
-            p.add_argument("--quiet", action="store_true", help="no progress bar")
+            p.add_argument("--quiet", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
         else:
-            p.add_argument("--checkpoint", type=Path, required=True)
+            p.add_argument(
+                "run_dir",
+                nargs="?",
+                type=Path,
+                default=None,
+                help="a run directory: its config.yaml (with its train.threads; --set overrides) and final checkpoint",
+            )
+            # Without RUN_DIR the profile defaults to cpu_default, as before.
+            p.set_defaults(config=None)
+            p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint (default: RUN_DIR's newest)")
             p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
+            p.add_argument("--quiet", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
         p.set_defaults(func=func)
 
     from .sweep import add_sweep_args

@@ -29,8 +29,9 @@ import yaml
 from .engine.config import Config, load_config, save_config
 from .engine.identity import run_identity
 from .engine.rundir import IDENTITY_FILE, PARTIAL_SUFFIX, atomic_write_json
+from .utils.paths import project_root
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = project_root()
 # `profile: paper` means the paper's ablation setting: ViT-Adapter-S, Mask R-CNN 1x on COCO (reference §3).
 PROFILE_ALIASES = {"paper": "coco_maskrcnn_1x_s"}
 
@@ -120,9 +121,30 @@ def step_weights(params: dict[str, Any]) -> int:
         if cfg.weights.init != "pretrained" or not cfg.weights.source:
             raise ValueError(f"profile {profile_name(params)} sets no weights.source to convert into {out}")
         print(f"weights: {fetch_weights(cfg.weights.source, out, cfg.weights.sha256)}")
+        if p.get("init_from"):
+            # The stage also declares the offline recipe's first-phase file; for a converted checkpoint the ViT
+            # "starts from" that checkpoint itself, so the same bytes (and sidecar) stand there.
+            from .engine.weights import sidecar_path
+
+            init = REPO / p["init_from"]
+            init.parent.mkdir(parents=True, exist_ok=True)
+            for src, dst in ((out, init), (sidecar_path(out), sidecar_path(init))):
+                tmp = dst.with_name(dst.name + ".tmp")
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
         return 0
     from .engine.pretrain import pretrain
 
+    first = p.pop("first", None)
+    if first is not None:
+        # Two phases (docs/pretraining.md §7): the `first` settings pretrain the ViT that `init_from` names, and
+        # the main settings continue from it. Both files are outputs of this stage.
+        if not p.get("init_from"):
+            raise ValueError("params.yaml pretrain.first needs pretrain.init_from: the file the first phase writes")
+        init = REPO / p["init_from"]
+        head = pretrain(out=init, **{"preset": p.get("preset", "vit_cpu"), **first})
+        print(json.dumps({"first_phase": {k: head.get(k) for k in ("objective", "top1", "steps", "seconds")}}))
+        p["init_from"] = os.path.relpath(init)  # relative (to the repo root, where DVC runs): the sidecar is committed
     result = pretrain(out=out, **p)
     print(json.dumps({k: result.get(k) for k in ("top1", "steps", "seconds")}))
     return 0

@@ -48,10 +48,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import optuna
-import yaml
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
+from .config.typed import ConfigError, build_dataclass, read_yaml
 from .engine.config import EXECUTION_KEYS, Config, config_hash, load_config
 from .engine.identity import code_digest, identity_of, input_digests, run_identity
 from .engine.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -163,26 +163,30 @@ _SETTING_TYPES: dict[str, Any] = {f.name: f.type for f in dataclasses.fields(Swe
 
 
 def settings_from_mapping(data: Mapping[str, Any] | None, source: str = "settings") -> SweepSettings:
-    """SweepSettings from a mapping (e.g. params.yaml's `sweep:` section); unknown keys are an error."""
+    """SweepSettings from a mapping (e.g. params.yaml's `sweep:` section) through the shared config loader:
+    unknown keys (with a did-you-mean) and values that do not fit the annotations are errors naming `source`.
+    Values are kept as given (an int timeout_s stays an int in settings.json)."""
     data = dict(data or {})
-    unknown = sorted(set(data) - set(_SETTING_TYPES))
-    if unknown:
-        raise SweepError(f"{source}: unknown sweep setting(s) {', '.join(unknown)}; known: {', '.join(_SETTING_TYPES)}")
     for key in ("overlays", "sets", "seeds"):
-        if key in data and not isinstance(data[key], list):
+        if key in data and not isinstance(data[key], list | tuple):
             data[key] = [data[key]]  # a single value where a list is expected
     try:
-        return SweepSettings(**data)
+        return build_dataclass(SweepSettings, data, source, what="sweep setting", convert=False)
+    except ConfigError as err:
+        raise SweepError(str(err)) from err
     except TypeError as err:
         raise SweepError(f"{source}: {err}") from err
 
 
 def read_params_file(path: str | Path, section: str = "sweep") -> dict[str, Any]:
-    """The `sweep:` section of a params.yaml (empty when the file has none)."""
+    """The `sweep:` section of a params.yaml (empty when the file has none), read with the config loader's
+    YAML rules (YAML 1.2 floats such as 1e-3, duplicate keys rejected)."""
     try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise SweepError(f"cannot read {path}: {err}") from err
+        doc = read_yaml(path) or {}
+    except ConfigError as err:
+        raise SweepError(str(err)) from err
+    if not isinstance(doc, Mapping):
+        raise SweepError(f"{path}: top level must be a mapping, got {type(doc).__name__}")
     sect = doc.get(section) or {}
     if not isinstance(sect, Mapping):
         raise SweepError(f"{path}: section '{section}' must be a mapping")

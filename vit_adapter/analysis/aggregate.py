@@ -27,6 +27,7 @@ import pandas as pd
 import yaml
 
 from vit_adapter.engine.rundir import atomic_write_json
+from vit_adapter.utils.paths import project_root
 
 from . import tables
 from .registry import Registry, load_registry
@@ -58,7 +59,7 @@ REQUIRED_FILES = ("config.yaml", "metrics.json", "costs.json")
 MODEL_FLAGS = ("use_spm", "injector", "use_extractor", "extra_extractors", "output_neck", "attention", "n_interactions")
 DEFAULT_METRIC = {"seg": "mIoU", "det": "bbox_mAP"}
 INPUT_KEYS = ("code", "data", "weights")  # the input digests run.json records (engine/identity.py)
-DEFAULT_ABLATIONS = Path(__file__).resolve().parents[2] / "ablations"
+DEFAULT_ABLATIONS = project_root() / "ablations"
 
 
 class RunFormatError(ValueError):

@@ -649,8 +649,8 @@ def _section_pretrain(
     if pretrain_json is None or not pretrain_json.is_file():
         return lines + ["_Not available: no pretraining JSON was given._", ""]
     meta = _read_json(pretrain_json)
-    keys = ("preset", "image_size", "top1", "top1_split", "steps", "planned_steps", "epochs_seen", "time_limited",
-            "seconds", "n_params_vit", "silhouettes", "output_sha256")  # fmt: skip
+    keys = ("preset", "objective", "image_size", "top1", "top1_split", "steps", "planned_steps", "epochs_seen",
+            "time_limited", "seconds", "n_params_vit", "silhouettes", "init_sha256", "output_sha256")  # fmt: skip
     lines += [f"From `{pretrain_json.name}`:", "", _kv_table({k: meta.get(k) for k in keys if k in meta}), ""]
     fig = figures_dir / "pretrain_curve.png"
     if fig.is_file():

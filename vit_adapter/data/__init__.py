@@ -9,7 +9,7 @@ from typing import Any, Literal
 from ._io import DataError
 from .ade import ADE20KSegmentation, reduce_zero_label
 from .coco import CocoDetection, load_coco
-from .pretrain import TexturedFashionMNIST, build_pretrain_dataset, default_augment
+from .pretrain import TexturedFashionMNIST
 from .sources import FMNIST_CLASSES, load_silhouettes, load_textures
 from .synth import SceneConfig, generate_dataset, render_scene, scene_rng, verify_manifest
 from .transforms import (
@@ -57,10 +57,8 @@ __all__ = [
     "SceneConfig",
     "TexturedFashionMNIST",
     "build_dataset",
-    "build_pretrain_dataset",
     "collate_detection",
     "collate_segmentation",
-    "default_augment",
     "detection_transforms",
     "detections_to_original",
     "generate_dataset",

@@ -1,16 +1,18 @@
-"""I/O helpers shared by the generator and the loaders: one error type, atomic writes, checked decoding."""
+"""I/O helpers shared by the generator and the loaders: one error type, checked reading and decoding.
+
+Atomic writes and digests are ``vit_adapter.utils.io``'s.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from ..utils.io import atomic_write_bytes as atomic_write_bytes  # re-exported: data/scene_tokens.py
 
 
 class DataError(ValueError):
@@ -84,33 +86,3 @@ def png_bytes(arr: np.ndarray, compress_level: int = 1) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then ``os.replace`` (no half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def json_bytes(obj: Any) -> bytes:
-    """Deterministic JSON (no timestamps, fixed key order) so identical inputs give identical bytes."""
-    return (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..utils.io import atomic_write_bytes
 from . import render
-from ._io import DataError, atomic_write_bytes
+from ._io import DataError
 from .sources import load_silhouettes, load_textures
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -76,18 +77,6 @@ def render_item_image(
     fill = colour * (0.55 + 0.45 * shade[ly, lx])[:, :, None]  # the item's own shading keeps its inner detail
     render.composite(canvas, fill, alpha[ly, lx], ys, xs)
     return render.finish(canvas, rng, 2.0)
-
-
-def default_augment(size: int) -> Augment:
-    """Random resized crop (scale 0.6-1) and horizontal flip (torchvision v2, run under a seeded torch RNG)."""
-    from torchvision.transforms import v2
-
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]
-    )
 
 
 class TexturedFashionMNIST(Dataset):
@@ -244,8 +233,3 @@ class TexturedFashionMNIST(Dataset):
             raise DataError(f"{path} was made from {params['silhouettes']} items but {ds._sil.source} are loaded")
         ds._images, ds._have, ds.labels = images, None, labels
         return ds
-
-
-def build_pretrain_dataset(split: str = "train", **kwargs: Any) -> TexturedFashionMNIST:
-    """Shortcut, e.g. ``build_pretrain_dataset('train', image_size=64, augment=default_augment(64))``."""
-    return TexturedFashionMNIST(split, **kwargs)

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ import PIL
 from pycocotools import mask as mask_utils
 from skimage import measure
 
+from ..utils.io import json_bytes, sha256_bytes, sha256_file
 from . import render
-from ._io import DataError, json_bytes, load_json, png_bytes, sha256_bytes, sha256_file
+from ._io import DataError, load_json, png_bytes
 from .sources import Silhouettes, Texture, load_silhouettes, load_textures, textures_fingerprint
 
 FORMAT_VERSION = 1
@@ -421,11 +423,16 @@ def _write_split(
     files: dict[str, str],
     categories: list[dict[str, Any]],
     workers: int,
+    progress: bool = True,
 ) -> dict[str, int]:
     split = job.split
     images, anns = [], []
     n_crowd = 0
-    for i, (img_png, sem_png, (h, w), scene_anns) in enumerate(_encoded_scenes(job, n, workers)):
+    from tqdm import tqdm  # a bar on a terminal only: logs captured to files stay readable
+
+    show = progress and n > 0 and getattr(sys.stderr, "isatty", lambda: False)()
+    scenes = tqdm(_encoded_scenes(job, n, workers), total=n, desc=f"render {split}", leave=False, disable=not show)
+    for i, (img_png, sem_png, (h, w), scene_anns) in enumerate(scenes):
         image_id = first_id + i
         coco_name = f"{image_id:012d}.png"
         ade_stem = f"ADE_{'train' if split == 'train' else 'val'}_{i + 1:08d}.png"
@@ -468,6 +475,7 @@ def generate_dataset(
     overwrite: bool = False,
     fmnist_dir: str | os.PathLike[str] | None = None,
     workers: int = 1,
+    progress: bool = True,
     **scene: Any,
 ) -> dict[str, Any]:
     """Write COCO (``annotations/instances_{train,val}2017.json``, ``{train,val}2017/``) and ADE20K
@@ -480,7 +488,8 @@ def generate_dataset(
     different parameters raise DataError unless ``overwrite``. Anything at ``root`` that this generator did not
     write (no manifest.json of ours) is never replaced. One writer at a time (a lock beside ``root``); temp
     directories a killed earlier run left beside ``root`` are removed. ``workers`` > 1 renders in forked
-    processes; the bytes written do not depend on it.
+    processes; the bytes written do not depend on it. ``progress`` shows a tqdm bar per split while rendering
+    (only when stderr is a terminal).
     """
     if n_train < 0 or n_val < 0 or int(seed) < 0:
         raise ValueError(f"n_train, n_val and seed must be non-negative, got {n_train}, {n_val}, {seed}")
@@ -494,7 +503,7 @@ def generate_dataset(
 
     lock = DirLock(root, f"dataset directory {root}").acquire()
     try:
-        return _generate_locked(root, cfg, params, seed, n_train, n_val, overwrite, fmnist_dir, workers)
+        return _generate_locked(root, cfg, params, seed, n_train, n_val, overwrite, fmnist_dir, workers, progress)
     finally:
         lock.release()
 
@@ -509,6 +518,7 @@ def _generate_locked(
     overwrite: bool,
     fmnist_dir: str | os.PathLike[str] | None,
     workers: int,
+    progress: bool = True,
 ) -> dict[str, Any]:
     for stale in root.parent.glob(f".{root.name}.tmp-*"):  # a killed run's leftovers (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
@@ -542,9 +552,10 @@ def _generate_locked(
         fm = None if fmnist_dir is None else str(fmnist_dir)
         categories = [{"id": i + 1, "name": n, "supercategory": classes.source} for i, n in enumerate(classes.classes)]
         files: dict[str, str] = {}
+        opts = (workers, progress)
         counts = {
-            "train": _write_split(tmp, _Job(seed, "train", cfg, fm), n_train, 1, files, categories, workers),
-            "val": _write_split(tmp, _Job(seed, "val", cfg, fm), n_val, n_train + 1, files, categories, workers),
+            "train": _write_split(tmp, _Job(seed, "train", cfg, fm), n_train, 1, files, categories, *opts),
+            "val": _write_split(tmp, _Job(seed, "val", cfg, fm), n_val, n_train + 1, files, categories, *opts),
         }
         manifest = {
             "format_version": FORMAT_VERSION,

@@ -23,7 +23,6 @@ from ..models.vit import LoadReport, load_vit_state_dict
 from .config import Config, model_overrides
 from .weights import fetch_weights, load_weights, verify_file_sha256, weights_path_for
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ROOTS = {"generated": "data/generated", "coco": "data/coco", "ade20k": "data/ade20k"}
 
 
@@ -60,6 +59,8 @@ def head_kwargs(cfg: Config) -> dict[str, Any]:
     kw = dict(num_classes=h.num_classes, channels=h.channels, aux=h.aux_weight > 0, aux_in_index=h.aux_in_index)
     if h.aux_weight > 0:
         kw["aux_weight"] = h.aux_weight
+    if h.class_weight is not None:
+        kw["class_weight"] = list(h.class_weight)
     if h.type == "semfpn":
         kw["fpn_channels"] = h.fpn_channels
     return kw

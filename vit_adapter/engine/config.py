@@ -11,20 +11,19 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import difflib
-import functools
 import hashlib
 import json
-import math
 import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+# The generic typed-YAML machinery (YAML 1.2 floats, duplicate keys, typed dataclass building) is shared with
+# pretrain and sweep; ConfigError and parse_yaml stay importable from here.
+from vit_adapter.config.typed import ConfigError, build_dataclass, hints, parse_yaml, read_yaml, suggest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
@@ -43,10 +42,6 @@ Preset = Literal[
     "vit_adapter_cpu",
     "vit_cpu",
 ]
-
-
-class ConfigError(ValueError):
-    """A bad profile, overlay or ``--set``; the message is one line and names the key and its source."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -102,6 +97,8 @@ class HeadConfig:
     aux_weight: float = 0.4  # UperNet auxiliary FCN head loss weight (reference §2); 0 = no aux head
     aux_in_index: int = 2  # which backbone level feeds the aux head (reference §2)
     fpn_channels: int = 256  # FPN neck width (reference §2, §6)
+    # Segmentation: per-class cross-entropy weights (mmseg's class_weight), one per class; None = unweighted.
+    class_weight: list[float] | None = None
     # Mask R-CNN (torchvision naming; defaults follow mmdet's mask_rcnn_r50_fpn base).
     representation_size: int = 1024
     mask_convs: int = 4
@@ -248,132 +245,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------------------------------------
-# YAML: PyYAML follows YAML 1.1, where `1e-4` is a string; accept it as a float (YAML 1.2) and reject
-# duplicate keys, which PyYAML would otherwise resolve silently to the last one.
-# ---------------------------------------------------------------------------------------------------------
-
-_FLOAT_12 = re.compile(
-    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""",
-    re.X,
-)
-
-
-class _Loader(yaml.SafeLoader):
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text with the config loader; errors become a one-line ConfigError naming `source`."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        detail = " ".join(str(exc).split()).replace('in "<unicode string>", line', "at line")
-        raise ConfigError(f"{source}: invalid YAML: {detail}") from exc
-
-
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    data = parse_yaml(text, str(path))
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
     return data
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Type checking against the dataclass annotations
-# ---------------------------------------------------------------------------------------------------------
-
-_NOT = object()  # sentinel: value does not fit the type
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Return `value` converted to `tp`, or _NOT. Ints are accepted for floats; bools never for numbers."""
-    if tp is Any:
-        return value
-    if tp is type(None):
-        return None if value is None else _NOT
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arm in args:
-            out = _coerce(value, arm)
-            if out is not _NOT:
-                return out
-        return _NOT
-    if origin is Literal:
-        return value if any(type(value) is type(a) and value == a for a in args) else _NOT
-    if tp is bool:
-        return value if isinstance(value, bool) else _NOT
-    if tp is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _NOT
-    if tp is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return float(value) if ok else _NOT
-    if tp is str:
-        return value if isinstance(value, str) else _NOT
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            return _NOT
-        items = [_coerce(v, args[0]) for v in value]
-        return _NOT if any(i is _NOT for i in items) else items
-    if origin is tuple:
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            return _NOT
-        items = [_coerce(v, a) for v, a in zip(value, args)]
-        return _NOT if any(i is _NOT for i in items) else tuple(items)
-    if origin is dict:
-        return dict(value) if isinstance(value, dict) and all(isinstance(k, str) for k in value) else _NOT
-    raise TypeError(f"config schema uses an unsupported type {tp!r}")
-
-
-def _describe(tp: Any) -> str:
-    """Human wording of what a field accepts, e.g. "one of 'det', 'seg'" or "an int or null"."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        parts = [_describe(a) for a in args if a is not type(None)]
-        return " or ".join(parts) + (" or null" if type(None) in args else "")
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        plural = {bool: "bools", int: "ints", float: "numbers", str: "strings"}
-        return f"a list of {plural.get(args[0], _describe(args[0]))}"
-    if origin is tuple:
-        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
-    if origin is dict:
-        return "a mapping"
-    names = {bool: "a bool (true/false)", int: "an int", float: "a number", str: "a string"}
-    return names.get(tp, repr(tp))
-
-
-def _suggest(key: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(options)}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,13 +261,13 @@ def _suggest(key: str, options: Sequence[str]) -> str:
 
 
 def _section_fields(section: str) -> dict[str, Any]:
-    return _hints(SECTIONS[section])
+    return hints(SECTIONS[section])
 
 
 def _merge_layer(base: dict[str, Any], layer: Mapping[str, Any], source: str, origins: dict[str, str]) -> None:
     for section, values in layer.items():
         if section not in SECTIONS:
-            raise ConfigError(f"unknown section '{section}' in {source}{_suggest(str(section), list(SECTIONS))}")
+            raise ConfigError(f"unknown section '{section}' in {source}{suggest(str(section), list(SECTIONS))}")
         if values is None:
             continue  # an empty section in YAML ("model:") changes nothing
         if not isinstance(values, Mapping):
@@ -399,7 +277,7 @@ def _merge_layer(base: dict[str, Any], layer: Mapping[str, Any], source: str, or
         for key, value in values.items():
             if key not in known:
                 dotted = f"{section}.{key}"
-                raise ConfigError(f"unknown key '{dotted}' in {source}{_suggest(str(key), list(known))}")
+                raise ConfigError(f"unknown key '{dotted}' in {source}{suggest(str(key), list(known))}")
             _merge_value(target, key, value, f"{section}.{key}", source, origins)
 
 
@@ -431,38 +309,13 @@ def parse_set(item: str) -> dict[str, Any]:
 
 
 def _build(data: Mapping[str, Any], origins: Mapping[str, str]) -> Config:
-    sections: dict[str, Any] = {}
-    for name, cls in SECTIONS.items():
-        values = dict(data.get(name, {}))
-        kwargs: dict[str, Any] = {}
-        for key, tp in _section_fields(name).items():
-            if key not in values:
-                continue
-            dotted = f"{name}.{key}"
-            out = _coerce(values[key], tp)
-            if out is _NOT:
-                src = origins.get(dotted, "defaults")
-                raise ConfigError(f"{dotted} = {values[key]!r} (from {src}) is invalid: expected {_describe(tp)}")
-            _reject_non_finite(out, dotted, origins)
-            kwargs[key] = out
-        sections[name] = cls(**kwargs)
+    sections = {
+        name: build_dataclass(cls, data.get(name, {}), "defaults", origins=origins, prefix=f"{name}.")
+        for name, cls in SECTIONS.items()
+    }
     cfg = Config(**sections)
     _check_consistency(cfg, origins)
     return cfg
-
-
-def _reject_non_finite(value: Any, dotted: str, origins: Mapping[str, str]) -> None:
-    """NaN/inf pass every range check (`nan <= 0` is False) and then break training far from their key."""
-    if isinstance(value, float) and not math.isfinite(value):
-        src = origins.get(dotted, "defaults")
-        raise ConfigError(f"{dotted} = {value!r} (from {src}) is invalid: must be a finite number")
-    if isinstance(value, list | tuple):
-        for v in value:
-            _reject_non_finite(v, dotted, origins)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            sub = f"{dotted}.{k}"
-            _reject_non_finite(v, sub if sub in origins else dotted, origins)
 
 
 def _check_consistency(cfg: Config, origins: Mapping[str, str]) -> None:
@@ -507,6 +360,10 @@ def _check_consistency(cfg: Config, origins: Mapping[str, str]) -> None:
         fail("optim.lr", "must be > 0")
     if not 0 < cfg.optim.warmup_ratio <= 1:
         fail("optim.warmup_ratio", "must be in (0, 1]")
+    if cfg.head.class_weight is not None and (
+        cfg.model.task != "seg" or len(cfg.head.class_weight) != cfg.head.num_classes
+    ):
+        fail("head.class_weight", f"needs model.task 'seg' and one weight per class ({cfg.head.num_classes})")
     if cfg.data.label_mode == "foreground" and (cfg.model.task != "seg" or cfg.head.num_classes != 2):
         fail("data.label_mode", "'foreground' needs model.task 'seg' and head.num_classes 2")
     if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:

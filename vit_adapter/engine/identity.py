@@ -24,6 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..utils.io import sha256_file
+
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Config
 
@@ -41,14 +43,6 @@ CODE_SCOPES: dict[str, tuple[str, ...]] = {
     "sweep": ("analysis", "cli.py"),
 }
 IDENTITY_VERSION = 1  # bump when the recipe below changes: old identities must not match new ones
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 2**20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files(root: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:

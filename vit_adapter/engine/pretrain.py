@@ -24,10 +24,15 @@ import argparse
 import logging
 import math
 import time
+import types
+import typing
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from vit_adapter.config.typed import build_dataclass, check_dataclass, describe
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +60,10 @@ class PretrainConfig:
     """
 
     preset: str = "vit_cpu"
+    # 'classify': 10-way classification of one centred item (mean-pooled tokens). 'scene_tokens': every token of
+    # a generated scene predicts its patch's class histogram (background + 10 classes), a supervised dense
+    # objective at the downstream resolution and object scale (data/scene_tokens.py, docs/pretraining.md).
+    objective: str = "classify"
     image_size: int | None = None
     steps: int | None = None
     epochs: float | None = None
@@ -85,6 +94,13 @@ class PretrainConfig:
     cache_dir: str | None = None
     eval_batch_size: int = 250
     log_every: int = 100
+    # scene_tokens only: the scene generator's difficulty (as the downstream data.generator) and the processes
+    # that render the scenes (the output does not depend on it).
+    scene_difficulty: float = 0.5
+    # Start from the ViT of an earlier pretraining output (its pos_embed resized to this grid): the two-phase
+    # recipe, item classification then scene tokens (docs/pretraining.md). None = random init.
+    init_from: str | None = None
+    render_workers: int = 1
 
     def resolved_steps(self) -> int:
         if self.steps is not None:
@@ -97,40 +113,22 @@ class PretrainConfig:
 DEFAULT_STEPS = 2000
 # Pretraining resolution when image_size is None: tuned for the CPU preset (3x3 tokens; docs/pretraining.md).
 TUNED_IMAGE_SIZE = {"vit_cpu": 48, "vit_adapter_cpu": 48}
+SCENE_IMAGE_SIZE = 128  # scene_tokens default: the downstream CPU profile's image size
+OBJECTIVES = ("classify", "scene_tokens")
 AUGMENTS = ("crop_flip", "flip", "none")
 POS_INITS = ("normal", "sincos")
 
 
-# Types of the scalar options (a string from a config file would otherwise fail deep inside with a TypeError).
-_NUM = (int, float)
-_TYPES: dict[str, Any] = {
-    "preset": str,
-    "image_size": int,
-    "steps": int,
-    "epochs": _NUM,
-    "batch_size": int,
-    "lr": _NUM,
-    "min_lr": _NUM,
-    "weight_decay": _NUM,
-    "beta2": _NUM,
-    "warmup_steps": int,
-    "label_smoothing": _NUM,
-    "invert_prob": _NUM,
-    "grad_clip": _NUM,
-    "drop_path_rate": _NUM,
-    "n_train": int,
-    "n_val": int,
-    "data_seed": int,
-    "augment": str,
-    "placement": str,
-    "pos_init": str,
-    "seed": int,
-    "threads": int,
-    "time_budget_s": _NUM,
-    "eval_batch_size": int,
-    "log_every": int,
-}
-_OPTIONAL = {"image_size", "steps", "epochs", "grad_clip", "drop_path_rate", "threads", "time_budget_s"}
+# The option types are the PretrainConfig annotations, checked by the shared config loader (vit_adapter.config):
+# a string from a config file would otherwise fail deep inside with a TypeError.
+_KINDS = {int: "int", float: "a number", str: "str", bool: "a bool"}
+
+
+def _type_message(name: str, value: Any, tp: Any, source: str) -> str:
+    """``lr must be a number, got '1e-3'``: the annotation without its ``| None``, in short words."""
+    arms = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is types.UnionType else []
+    kind = arms[0] if len(arms) == 1 else tp
+    return f"{name} must be {_KINDS.get(kind) or describe(kind)}, got {value!r}"
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -138,14 +136,17 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def vit_kwargs(preset: str, image_size: int | None, drop_path_rate: float | None) -> dict[str, Any]:
+def vit_kwargs(
+    preset: str, image_size: int | None, drop_path_rate: float | None, objective: str = "classify"
+) -> dict[str, Any]:
     """``PlainViT`` constructor arguments of ``preset`` at ``pretrain_size = image_size`` (global attention)."""
     from vit_adapter.models.factory import preset_kwargs
 
     kw = preset_kwargs(preset, "seg")  # raises ValueError naming the known presets
     out = {k: kw[k] for k in _VIT_KEYS if k in kw}
     if image_size is None:
-        image_size = TUNED_IMAGE_SIZE.get(preset, kw.get("pretrain_size", 224))
+        default = SCENE_IMAGE_SIZE if objective == "scene_tokens" else kw.get("pretrain_size", 224)
+        image_size = TUNED_IMAGE_SIZE.get(preset, default) if objective == "classify" else default
     out["pretrain_size"] = int(image_size)
     if drop_path_rate is not None:
         out["drop_path_rate"] = float(drop_path_rate)
@@ -154,11 +155,9 @@ def vit_kwargs(preset: str, image_size: int | None, drop_path_rate: float | None
 
 def validate(cfg: PretrainConfig) -> dict[str, Any]:
     """Check every argument; return the resolved ViT kwargs. Raises one ValueError naming the problem."""
-    for name, kind in _TYPES.items():
-        value = getattr(cfg, name)
-        ok = value is None and name in _OPTIONAL or (isinstance(value, kind) and not isinstance(value, bool))
-        _check(ok, f"{name} must be {kind.__name__ if isinstance(kind, type) else 'a number'}, got {value!r}")
-    vkw = vit_kwargs(cfg.preset, cfg.image_size, cfg.drop_path_rate)
+    check_dataclass(cfg, "PretrainConfig", message=_type_message)  # the annotations; NaN/inf fail too
+    _check(cfg.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    vkw = vit_kwargs(cfg.preset, cfg.image_size, cfg.drop_path_rate, cfg.objective)
     patch, size = vkw.get("patch_size", 16), vkw["pretrain_size"]
     _check(size >= patch and size % patch == 0, f"image_size must be a positive multiple of {patch}, got {size}")
     _check(cfg.steps is None or cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
@@ -190,6 +189,13 @@ def validate(cfg: PretrainConfig) -> dict[str, Any]:
     _check(cfg.time_budget_s is None or cfg.time_budget_s > 0, f"time_budget_s must be > 0, got {cfg.time_budget_s}")
     _check(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
     _check(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
+    _check(0 <= cfg.scene_difficulty <= 1, f"scene_difficulty must be in [0, 1], got {cfg.scene_difficulty}")
+    _check(cfg.render_workers >= 1, f"render_workers must be >= 1, got {cfg.render_workers}")
+    if cfg.objective == "scene_tokens":
+        _check(
+            cfg.augment in ("none", "flip"), f"objective scene_tokens supports augment none|flip, got {cfg.augment!r}"
+        )
+        _check(cfg.invert_prob == 0, "objective scene_tokens has no photometric inversion (invert_prob must be 0)")
     return vkw
 
 
@@ -326,23 +332,86 @@ def classify(vit: PlainViT, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return head(vit(x).mean(dim=1))
 
 
-def evaluate_top1(
-    vit: PlainViT, head: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250
+def _held_out_score(
+    vit: PlainViT,
+    head: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    hits: Callable[[torch.Tensor, torch.Tensor], tuple[int, int]],
+    batch_size: int,
 ) -> float:
-    """Top-1 accuracy of (vit, head) on uint8 images (N, 3, S, S), in eval mode, without gradients."""
+    """Sum ``hits(images batch, targets batch) -> (correct, counted)`` over uint8 images (N, 3, S, S) in eval
+    mode without gradients; the modules' train/eval state is restored afterwards."""
     import torch
 
     was = vit.training, head.training
     vit.eval()
     head.eval()
-    correct = 0
+    correct = counted = 0
     with torch.no_grad():
-        for i in range(0, len(labels), batch_size):
-            logits = classify(vit, head, normalize(images[i : i + batch_size]))
-            correct += int((logits.argmax(dim=1) == labels[i : i + batch_size]).sum())
+        for i in range(0, len(images), batch_size):
+            c, n = hits(normalize(images[i : i + batch_size]), targets[i : i + batch_size])
+            correct, counted = correct + c, counted + n
     vit.train(was[0])
     head.train(was[1])
-    return correct / len(labels)
+    return correct / max(counted, 1)
+
+
+def evaluate_top1(
+    vit: PlainViT, head: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250
+) -> float:
+    """Top-1 accuracy of (vit, head) on uint8 images (N, 3, S, S), in eval mode, without gradients."""
+
+    def hits(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+        return int((classify(vit, head, x).argmax(dim=1) == y).sum()), len(y)
+
+    return _held_out_score(vit, head, images, labels, hits, batch_size)
+
+
+def token_logits(vit: PlainViT, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) per-token logits of normalised images (the scene_tokens objective)."""
+    return head(vit(x))
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Objectness + class loss of each token against its patch's class histogram ``targets`` (B, T, C).
+
+    Channel 0 of ``logits`` is an objectness logit, trained with binary cross-entropy towards the patch's object
+    share; channels 1.. are class logits, trained with soft cross-entropy towards the patch's class mix among its
+    object pixels, each token weighted by its object share. Why factorised: with ~87 % background pixels a single
+    softmax spreads the object mass over 10 classes and background wins every argmax (the 11-class pilots stayed
+    at that prior); detection heads separate "is there an object" from "which class" for the same reason.
+    """
+    import torch.nn.functional as F
+
+    fg = 1.0 - targets[..., 0]
+    objectness = F.binary_cross_entropy_with_logits(logits[..., 0], fg)
+    mix = targets[..., 1:] / fg.clamp(min=1e-6).unsqueeze(-1)
+    ce = -(mix * logits[..., 1:].log_softmax(dim=-1)).sum(dim=-1)
+    return objectness + (fg * ce).sum() / fg.sum().clamp(min=1e-6)
+
+
+def token_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    """(correct, counted) over the tokens whose majority class is an object: their class argmax (channels 1..)
+    against the patch's most frequent object class."""
+    obj = targets.argmax(dim=-1) > 0
+    right = logits[..., 1:].argmax(dim=-1) == targets[..., 1:].argmax(dim=-1)
+    return int((right & obj).sum()), int(obj.sum())
+
+
+def flip_tokens(targets: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Per-token targets (B, T, C) of horizontally flipped images (T = grid[0] * grid[1], row-major)."""
+    b, t, c = targets.shape
+    return targets.view(b, grid[0], grid[1], c).flip(2).reshape(b, t, c)
+
+
+def evaluate_tokens(
+    vit: PlainViT, head: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 250
+) -> float:
+    """Held-out token top-1 over object-majority tokens, in eval mode, without gradients."""
+    return _held_out_score(
+        vit, head, images, targets, lambda x, y: token_hits(token_logits(vit, head, x), y), batch_size
+    )
 
 
 def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
@@ -397,10 +466,7 @@ def pretrain(
     ``cache_dir``, ...). Returns the sidecar dict: source, preset, image_size, top1, steps, seconds, seed,
     config, output_sha256, head file + sha256, timings and run metadata.
     """
-    known = set(PretrainConfig.__dataclass_fields__)
-    unknown = sorted(set(options) - known)
-    _check(not unknown, f"unknown pretrain option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    cfg = PretrainConfig(
+    values = dict(
         preset=preset,
         image_size=image_size,
         steps=steps,
@@ -411,6 +477,11 @@ def pretrain(
         threads=threads,
         time_budget_s=time_budget_s,
         **options,
+    )
+    # Unknown options get a did-you-mean; values are type-checked against the annotations but kept as given
+    # (an int lr stays an int in the sidecar).
+    cfg = build_dataclass(
+        PretrainConfig, values, "pretrain()", what="pretrain option", convert=False, message=_type_message
     )
     return run(cfg, out)
 
@@ -439,6 +510,7 @@ def run(cfg: PretrainConfig, out: str | Path) -> dict[str, Any]:
 
 
 def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -450,16 +522,48 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
     timer = _Timer()
     cpu0 = time.process_time()
     size = vkw["pretrain_size"]
-    split_args = (size, cfg.n_train, cfg.data_seed, cfg.item_scale, cfg.cache_dir, cfg.placement)
-    x_train, y_train, source = render_split("train", *split_args)
-    x_val, y_val, _ = render_split("val", size, cfg.n_val, *split_args[2:])
+    scenes = cfg.objective == "scene_tokens"
+    if scenes:
+        from vit_adapter.data.scene_tokens import NUM_CLASSES as SCENE_CLASSES
+        from vit_adapter.data.scene_tokens import SEED_OFFSET, TOKENS_VERSION, render_token_split
+
+        def load(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+            images, targets, src = render_token_split(
+                split,
+                n=n,
+                image_size=size,
+                data_seed=cfg.data_seed,
+                patch=vkw.get("patch_size", 16),
+                difficulty=cfg.scene_difficulty,
+                workers=cfg.render_workers,
+                cache_dir=cfg.cache_dir,
+            )
+            x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+            return x, torch.from_numpy(np.array(targets)), src
+
+        x_train, y_train, source = load("train", cfg.n_train)
+        x_val, y_val, _ = load("val", cfg.n_val)
+        num_classes = SCENE_CLASSES
+    else:
+        split_args = (size, cfg.n_train, cfg.data_seed, cfg.item_scale, cfg.cache_dir, cfg.placement)
+        x_train, y_train, source = render_split("train", *split_args)
+        x_val, y_val, _ = render_split("val", size, cfg.n_val, *split_args[2:])
+        num_classes = NUM_CLASSES
     render_s = timer.elapsed()
     log.info("rendered %d train + %d val images at %d px in %.1f s", cfg.n_train, cfg.n_val, size, render_s)
 
     vit = PlainViT(**vkw, window_attn=False)
-    if cfg.pos_init == "sincos":
+    init_sha256 = None
+    if cfg.init_from is not None:
+        from vit_adapter.engine.weights import load_weights
+        from vit_adapter.models.vit import load_vit_state_dict
+
+        report = load_vit_state_dict(vit, load_weights(cfg.init_from))  # checks the file against its sidecar
+        _check(not report.missing, f"init_from {cfg.init_from} lacks ViT weights: {', '.join(report.missing)}")
+        init_sha256 = sha256_file(cfg.init_from)
+    elif cfg.pos_init == "sincos":
         init_sincos_pos_embed(vit)
-    head = build_head(vkw["embed_dim"])
+    head = build_head(vkw["embed_dim"], num_classes)
     vit.train()
     head.train()
     opt = torch.optim.AdamW(_param_groups([vit, head], cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
@@ -473,7 +577,7 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
     step, epoch, perm = 0, 0, torch.randperm(n, generator=gen)
     time_limited = False
     history: list[dict[str, float]] = []
-    run_loss = run_correct = run_seen = 0.0
+    run_loss = run_correct = run_seen = run_counted = 0.0
     t_train = time.perf_counter()
     while step < total:
         if step > 0 and step % batches_per_epoch == 0:
@@ -497,15 +601,23 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
         xb = x_train[idx].float()
         if cfg.augment == "crop_flip":
             xb = batch_augment(xb, gen, cfg.crop_scale, cfg.crop_ratio)
-        elif cfg.augment == "flip":
+        yb = y_train[idx]
+        if cfg.augment == "flip":
             flip = torch.rand(len(idx), generator=gen) < 0.5
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            if scenes:
+                yb = torch.where(flip[:, None, None], flip_tokens(yb, vit.pretrain_grid), yb)
         if cfg.invert_prob > 0:  # drawn only when used, so runs without it keep their random stream
             inv = torch.rand(len(idx), generator=gen) < cfg.invert_prob
             xb = torch.where(inv[:, None, None, None], 255.0 - xb, xb)
-        yb = y_train[idx]
-        logits = classify(vit, head, normalize(xb))
-        loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+        if scenes:
+            logits = token_logits(vit, head, normalize(xb))
+            loss = token_loss(logits, yb)
+            hits, counted = token_hits(logits.detach(), yb)
+        else:
+            logits = classify(vit, head, normalize(xb))
+            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+            hits, counted = int((logits.argmax(1) == yb).sum()), len(yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -513,24 +625,28 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
         opt.step()
         step += 1
         run_loss += float(loss.detach()) * len(yb)
-        run_correct += float((logits.argmax(1) == yb).sum())
+        run_correct += hits
         run_seen += len(yb)
+        run_counted += counted
         if step % cfg.log_every == 0 or step == total:
             rec = {
                 "step": step,
                 "epoch": round(step * bs / n, 3),
                 "lr": lr,
                 "train_loss": round(run_loss / run_seen, 4),
-                "train_top1": round(run_correct / run_seen, 4),
+                "train_top1": round(run_correct / max(run_counted, 1), 4),
                 "seconds": round(timer.elapsed(), 1),
             }
             history.append(rec)
             log.info("pretrain %s", rec)
-            run_loss = run_correct = run_seen = 0.0
+            run_loss = run_correct = run_seen = run_counted = 0.0
     train_s = time.perf_counter() - t_train
 
     t_eval = time.perf_counter()
-    top1 = evaluate_top1(vit, head, x_val, y_val, cfg.eval_batch_size)
+    if scenes:
+        top1 = evaluate_tokens(vit, head, x_val, y_val, cfg.eval_batch_size)
+    else:
+        top1 = evaluate_top1(vit, head, x_val, y_val, cfg.eval_batch_size)
     eval_s = time.perf_counter() - t_eval
 
     _save_safetensors(vit.state_dict(), out)
@@ -542,7 +658,15 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
         "preset": cfg.preset,
         "image_size": size,
         "top1": top1,
-        "top1_split": f"val (Fashion-MNIST test items 0..{cfg.n_val - 1}, held out)",
+        "top1_split": (
+            f"val: object-majority tokens of {cfg.n_val} scenes of Fashion-MNIST test items (seed "
+            f"{cfg.data_seed + SEED_OFFSET}, held out)"
+            if scenes
+            else f"val (Fashion-MNIST test items 0..{cfg.n_val - 1}, held out)"
+        ),
+        "objective": cfg.objective,
+        "init_sha256": init_sha256,
+        "num_classes": num_classes,
         "steps": step,
         "planned_steps": total,
         "epochs_seen": round(step * bs / n, 3),
@@ -555,7 +679,7 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
         "config": _jsonable(asdict(cfg)),
         "vit_kwargs": vkw,
         "silhouettes": source,
-        "render_version": RENDER_VERSION,
+        "render_version": TOKENS_VERSION if scenes else RENDER_VERSION,
         "n_params_vit": int(sum(p.numel() for p in vit.parameters())),
         "output_sha256": sha256_file(out),
         "head_file": hpath.name,
@@ -592,7 +716,7 @@ def load_pretrained(out: str | Path) -> tuple[PlainViT, nn.Module, dict[str, Any
     vit = PlainViT(**meta["vit_kwargs"])
     report = load_vit_state_dict(vit, load_weights(out))
     _check(not report.missing, f"{out} lacks ViT weights: {', '.join(report.missing)}")
-    head = build_head(meta["vit_kwargs"]["embed_dim"])
+    head = build_head(meta["vit_kwargs"]["embed_dim"], meta.get("num_classes", NUM_CLASSES))
     head.load_state_dict(load_file(str(out.with_name(meta["head_file"]))))
     return vit.eval(), head.eval(), meta
 
@@ -605,6 +729,11 @@ def load_pretrained(out: str | Path) -> tuple[PlainViT, nn.Module, dict[str, Any
 def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = PretrainConfig()
     parser.add_argument("--preset", default=d.preset, help="ViT preset (vit_cpu, vit_t, ...; vit_adapter_* too)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=d.objective, help="what the ViT learns")
+    parser.add_argument("--scene-difficulty", type=float, default=d.scene_difficulty, help="scene_tokens generator")
+    parser.add_argument("--render-workers", type=int, default=d.render_workers, help="processes that render images")
+    parser.add_argument("--init-from", default=None, help="start from the ViT of an earlier pretraining output")
+    parser.add_argument("--data-seed", type=int, default=d.data_seed, help="rendering seed of the images")
     parser.add_argument(
         "--image-size", type=int, default=None, help="pretraining resolution (default: 48 for the CPU preset)"
     )
@@ -640,6 +769,11 @@ def run_pretrain_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return pretrain(
         args.preset,
         out=args.out,
+        objective=args.objective,
+        scene_difficulty=args.scene_difficulty,
+        render_workers=args.render_workers,
+        init_from=args.init_from,
+        data_seed=args.data_seed,
         image_size=args.image_size,
         steps=args.steps,
         epochs=args.epochs,

@@ -1,4 +1,4 @@
-"""Atomic writes, the run-directory scheme, run metadata and determinism.
+"""The run-directory scheme, run metadata and determinism (atomic writes: ``vit_adapter.utils.io``).
 
 Run-directory scheme (docs/config.md): a run works in ``<out>.partial/`` (config, logs, checkpoints) and is
 renamed to ``<out>`` only when it finished. So ``<out>`` existing means "complete"; a crash or kill leaves
@@ -12,7 +12,6 @@ See docs/faults.md.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import random
@@ -21,23 +20,26 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import wraps
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from vit_adapter.utils.io import TEMP_NAME_RE, atomic_open, atomic_write_text
+from vit_adapter.utils.io import atomic_write_bytes as atomic_write_bytes  # re-exported: callers import it here
+from vit_adapter.utils.io import atomic_write_json as atomic_write_json  # re-exported: callers import it here
+from vit_adapter.utils.paths import project_root
+
+REPO_ROOT = project_root()
 PARTIAL_SUFFIX = ".partial"
 IDENTITY_FILE = "RUN_IDENTITY"  # holds the config hash inside the work dir
 MARKER_FILE = "VIT_ADAPTER_RUN"  # "this directory is a run this tool wrote": the only kind it ever deletes
 _CKPT_RE = re.compile(r"^iter_(\d+)\.pt$")
-_TMP_RE = re.compile(r"^\..+\.tmp$")  # atomic_open's temp files: `.<name>.<random>.tmp`
 
 
 class RunDirError(RuntimeError):
@@ -128,7 +130,7 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     removed = []
     if folder.is_dir():
         for p in folder.iterdir():
-            if p.is_file() and _TMP_RE.match(p.name):
+            if p.is_file() and TEMP_NAME_RE.match(p.name):
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
@@ -147,44 +149,8 @@ def holds_files(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Atomic writes: temp file in the same directory (same filesystem), fsync, os.replace.
+# Atomic writes live in vit_adapter.utils.io (re-exported here: callers import them from this module too).
 # ---------------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temp file beside `path`; on clean exit it replaces `path`, on error it is removed."""
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_open supports modes 'wb' and 'w', got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_open(path, "wb") as fh:
-        fh.write(data)
-    return Path(path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    with atomic_open(path, "w") as fh:
-        fh.write(text)
-    return Path(path)
-
-
-def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
-    """JSON with sorted keys and a trailing newline; NaN/inf are refused (not valid JSON)."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

@@ -16,13 +16,16 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import logging
 import math
 import os
 import resource
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,10 @@ from .rundir import (
     run_metadata,
     set_determinism,
 )
+
+log = logging.getLogger(__name__)
+if log.level == logging.NOTSET:  # the human-readable progress lines are INFO; a caller may still lower or raise it
+    log.setLevel(logging.INFO)
 
 # Tests of the pipeline's crash recovery set this to make a training process SIGKILL itself after iteration N.
 _KILL_AFTER = os.environ.get("VIT_ADAPTER_KILL_AFTER_ITER")
@@ -347,8 +354,10 @@ def evaluate(
     cfg: Config,
     device: torch.device,
     d: Dist | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Metrics on the whole validation set, in original image coordinates.
+    """Metrics on the whole validation set, in original image coordinates. ``progress``: a tqdm bar over the
+    batches (rank 0, and only when stderr is a terminal).
 
     Distributed (``d.world > 1``, every rank calls this): evaluation batch ``b`` runs on rank ``b % world``,
     so every batch holds the same images as in one process; segmentation sums the ranks' confusion matrices
@@ -361,6 +370,8 @@ def evaluate(
     model.eval()
     batch = eval_batch_size(cfg, d.world)
     starts = list(range(0, len(val_set), batch))[d.rank :: d.world]
+    show = progress and d.main and _stderr_is_tty()
+    starts = tqdm(starts, desc="eval", unit="batch", leave=False, disable=not show)  # iterates the same list
     if cfg.model.task == "det":
         metric = CocoMetric(val_set.coco, label_to_cat=val_set.label_to_cat)
         for start in starts:
@@ -469,6 +480,87 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Human-readable log: `<run_dir>/train.log` and stderr (log.jsonl and metrics.json are the machine-readable record)
+
+LOG_FORMAT = "%(asctime)s %(message)s"
+LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
+TRAIN_LOG = "train.log"
+
+
+def _stderr_is_tty() -> bool:
+    """Progress bars only on a terminal: the pipeline captures stderr into files, where a bar is noise."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+class _ThisThread(logging.Filter):
+    """Only records of the thread that attached the handler: a sweep trains several runs in threads at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ident = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread == self.ident
+
+
+class _TqdmStderr(logging.Handler):
+    """The current ``sys.stderr``, through ``tqdm.write`` so that a progress bar on a terminal stays intact."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never break training
+            self.handleError(record)
+
+
+@contextmanager
+def run_log(path: Path | None) -> Iterator[None]:
+    """Send this module's log lines to ``path`` (appended: a resumed run continues its log) and, when nothing
+    else handles them (no logging configured: the CLI, the pipeline), to stderr; detached on exit."""
+    handlers: list[logging.Handler] = []
+    if not log.hasHandlers():
+        handlers.append(_TqdmStderr())
+    if path is not None:
+        handlers.append(logging.FileHandler(path, encoding="utf-8"))
+    fmt, only_here = logging.Formatter(LOG_FORMAT, LOG_DATEFMT), _ThisThread()
+    for h in handlers:
+        h.setFormatter(fmt)
+        h.addFilter(only_here)
+        log.addHandler(h)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=max(0, round(seconds))))
+
+
+def format_iteration(
+    done: int, total: int, loss: float, lr: float, s_per_it: float, eta_s: float, mem_mb: float
+) -> str:
+    """``iter 40/160  loss 0.4213  lr 9.1e-04  2.31 s/it  eta 0:04:37  mem 1.9 GiB`` (mem: peak RSS on CPU,
+    peak allocated on CUDA)."""
+    return (
+        f"iter {done}/{total}  loss {loss:.4f}  lr {lr:.1e}  {s_per_it:.2f} s/it  eta {_duration(eta_s)}  "
+        f"mem {mem_mb / 1024:.1f} GiB"
+    )
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """The scalar metrics of an evaluation (per-class lists are left to metrics.json)."""
+    parts = []
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not (v is None or isinstance(v, int | float)):
+            continue
+        parts.append(f"{k} {'n/a' if v is None else f'{v:.4f}'}")
+    return "  ".join(parts) or "(no scalar metrics)"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -501,7 +593,12 @@ def train(
     hooks: Hooks | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ``cfg`` into run directory ``out``; returns the final metrics dict (also in ``metrics.json``)."""
+    """Train ``cfg`` into run directory ``out``; returns the final metrics dict (also in ``metrics.json``).
+
+    Every ``train.log_interval`` iterations and after each evaluation, one human-readable line (loss, lr, s/it,
+    ETA, peak memory; the metrics) goes through ``logging`` to ``<out>/train.log`` and, unless logging is configured
+    otherwise, to stderr; ``log.jsonl`` keeps the same numbers for tools. ``progress``: a tqdm bar, shown only when
+    stderr is a terminal."""
     hooks = hooks or Hooks()
     t_start = time.perf_counter()
     if cfg.train.threads:
@@ -573,128 +670,163 @@ def train(
         )
     net.train()
 
-    stop: dict[str, Any] = {"flag": False, "signum": None}
-    old_handlers = _install_signal_handlers(stop)
-    log_file = run.path("log.jsonl") if run is not None else None
-    if log_file is not None and log_file.exists():  # drop rows logged after the checkpoint we resume from
-        rows = [r for r in log_file.read_text(encoding="utf-8").splitlines() if json.loads(r)["iter"] <= start_it]
-        log_file.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-    train_time, train_images = 0.0, 0
-    # data.batch_size is the global batch: each rank's step holds micro_batch * grad_accum images.
-    accum = cfg.train.grad_accum
-    order_fn = None
-    if cfg.data.group_by_aspect and cfg.model.task == "det":
-        groups = aspect_groups(train_set)
-        order_fn = functools.partial(grouped_epoch_order, groups, micro_batch, seed)
+    # Human-readable progress (rank 0): <run_dir>/train.log and stderr; log.jsonl below stays the machine record.
+    with run_log(run.path(TRAIN_LOG) if run is not None else None) if d.main else nullcontext():
+        stop: dict[str, Any] = {"flag": False, "signum": None}
+        old_handlers = _install_signal_handlers(stop)
+        log_file = run.path("log.jsonl") if run is not None else None
+        if log_file is not None and log_file.exists():  # drop rows logged after the checkpoint we resume from
+            rows = [r for r in log_file.read_text(encoding="utf-8").splitlines() if json.loads(r)["iter"] <= start_it]
+            log_file.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        train_time, train_images = 0.0, 0
+        # data.batch_size is the global batch: each rank's step holds micro_batch * grad_accum images.
+        accum = cfg.train.grad_accum
+        order_fn = None
+        if cfg.data.group_by_aspect and cfg.model.task == "det":
+            groups = aspect_groups(train_set)
+            order_fn = functools.partial(grouped_epoch_order, groups, micro_batch, seed)
 
-    def schedule() -> Iterator[tuple[int, int, list[int]]]:  # pure function of (seed, epoch): same on resume
-        return iteration_batches(
-            len(train_set), micro_batch * accum, seed, start_it, cfg.train.max_iters, d, order_fn=order_fn
-        )
+        def schedule() -> Iterator[tuple[int, int, list[int]]]:  # pure function of (seed, epoch): same on resume
+            return iteration_batches(
+                len(train_set), micro_batch * accum, seed, start_it, cfg.train.max_iters, d, order_fn=order_fn
+            )
 
-    def micro_batches(indices: list[int]) -> list[list[int]]:
-        if order_fn is not None:  # grouped: each micro-batch is one same-aspect chunk
-            return [indices[k * micro_batch : (k + 1) * micro_batch] for k in range(accum)]
-        return [indices[k::accum] for k in range(accum)]
+        def micro_batches(indices: list[int]) -> list[list[int]]:
+            if order_fn is not None:  # grouped: each micro-batch is one same-aspect chunk
+                return [indices[k * micro_batch : (k + 1) * micro_batch] for k in range(accum)]
+            return [indices[k::accum] for k in range(accum)]
 
-    batches = schedule()
-    loaded = _worker_batches(cfg, train_set, collate, schedule(), micro_batches, device, seed)
-    scaler = make_grad_scaler(cfg, device)
-    if scaler is not None and ckpt is not None and "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
-    bar = tqdm(
-        total=cfg.train.max_iters, initial=start_it, disable=not (progress and d.main), desc="train", leave=False
-    )
-    try:
-        current_epoch = -1
-        for it, epoch, indices in batches:
-            t0 = time.perf_counter()
-            if epoch != current_epoch:
-                train_set.set_epoch(epoch)
-                current_epoch = epoch
-            optimizer.zero_grad(set_to_none=True)
-            micro = micro_batches(indices)  # this rank's batch in `accum` micro-batches
-            for k, part in enumerate(micro):
-                sync = k == accum - 1 or d.world == 1
-                # num_workers 0: load here, in order; else the DataLoader's next batch (the same indices).
-                data = collate([train_set[i] for i in part]) if loaded is None else next(loaded)
-                with nullcontext() if sync else net.no_sync(), _autocast(cfg, device):
-                    losses = net(*to_device(data, cfg.model.task, device))
-                loss = losses["loss"]
-                if not torch.isfinite(loss):
-                    raise DivergedError(f"loss is {loss.item()}", it + 1, cfg)
+        batches = schedule()
+        loaded = _worker_batches(cfg, train_set, collate, schedule(), micro_batches, device, seed)
+        scaler = make_grad_scaler(cfg, device)
+        if scaler is not None and ckpt is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        show_bar = progress and d.main and _stderr_is_tty()
+        bar = tqdm(total=cfg.train.max_iters, initial=start_it, disable=not show_bar, desc="train", leave=False)
+        if d.main:
+            where = f"resuming at iteration {start_it}" if start_it else "from scratch"
+            log.info(
+                "train %s: %d iterations (%s), %s, %d thread(s), world %d, global batch %d",
+                out,
+                cfg.train.max_iters,
+                where,
+                device,
+                torch.get_num_threads(),
+                d.world,
+                cfg.data.batch_size,
+            )
+        t_loop = t_window = time.perf_counter()  # wall clock for the log's s/it and ETA (evaluations included)
+        it_window = start_it
+        try:
+            current_epoch = -1
+            for it, epoch, indices in batches:
+                t0 = time.perf_counter()
+                if epoch != current_epoch:
+                    train_set.set_epoch(epoch)
+                    current_epoch = epoch
+                optimizer.zero_grad(set_to_none=True)
+                micro = micro_batches(indices)  # this rank's batch in `accum` micro-batches
+                for k, part in enumerate(micro):
+                    sync = k == accum - 1 or d.world == 1
+                    # num_workers 0: load here, in order; else the DataLoader's next batch (the same indices).
+                    data = collate([train_set[i] for i in part]) if loaded is None else next(loaded)
+                    with nullcontext() if sync else net.no_sync(), _autocast(cfg, device):
+                        losses = net(*to_device(data, cfg.model.task, device))
+                    loss = losses["loss"]
+                    if not torch.isfinite(loss):
+                        raise DivergedError(f"loss is {loss.item()}", it + 1, cfg)
+                    if scaler is None:
+                        (loss / accum).backward()
+                    else:
+                        scaler.scale(loss / accum).backward()
+                if scaler is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients; steps with inf/nan gradients are skipped
+                if cfg.optim.clip_grad:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
                 if scaler is None:
-                    (loss / accum).backward()
+                    optimizer.step()
                 else:
-                    scaler.scale(loss / accum).backward()
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients; steps with inf/nan gradients are skipped
-            if cfg.optim.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-            scheduler.step()
-            train_time += time.perf_counter() - t0
-            train_images += len(indices) * d.world
-            done = it + 1
-            bar.update(1)
-            if done % cfg.train.log_interval == 0 or done == cfg.train.max_iters:
-                row = {"iter": done, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-                row |= {k: round(float(v.detach()), 6) for k, v in losses.items()}
-                log_rows.append(row)
-                if log_file is not None:
-                    with open(log_file, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if done % cfg.train.eval_interval == 0 or done == cfg.train.max_iters:
-                metrics = evaluate(model, val_set, collate, cfg, device, d)  # every rank: its shard
-                if d.main:
-                    history.append({"iter": done, **metrics})
-                    if hooks.after_eval is not None:
-                        hooks.after_eval(done, history[-1])
-                if d.world > 1:
-                    dist.barrier()
-            if done % cfg.train.checkpoint_interval == 0 or done == cfg.train.max_iters:
-                if (bad := _first_non_finite(model)) is not None:  # never checkpoint a diverged state
-                    raise DivergedError(f"weights {bad} are not finite", done, cfg)
-                _save_checkpoint(run, model, optimizer, scheduler, done, history, d, scaler=scaler)
-            if hooks.after_iteration is not None:
-                hooks.after_iteration(done)
-            if _KILL_AFTER and done == int(_KILL_AFTER):  # test hook: die like `kill -9` at a known point
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stop["flag"]:
-                raise StopTraining(_stop_message(out, done, stop["signum"]), signum=stop["signum"])
-    finally:
-        bar.close()
-        _restore_signal_handlers(old_handlers)
-        # Stop the loader's workers now: a traceback that holds this frame (StopTraining) would keep them alive.
-        shutdown = getattr(loaded, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+                    scaler.step(optimizer)
+                    scaler.update()
+                scheduler.step()
+                train_time += time.perf_counter() - t0
+                train_images += len(indices) * d.world
+                done = it + 1
+                bar.update(1)
+                if done % cfg.train.log_interval == 0 or done == cfg.train.max_iters:
+                    row = {"iter": done, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+                    row |= {k: round(float(v.detach()), 6) for k, v in losses.items()}
+                    log_rows.append(row)
+                    if log_file is not None:
+                        with open(log_file, "a", encoding="utf-8") as f:
+                            f.write(json.dumps(row) + "\n")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    if d.main:  # numbers already computed above: no extra sync, no RNG draw
+                        now = time.perf_counter()
+                        s_per_it = (now - t_window) / max(1, done - it_window)
+                        eta = (now - t_loop) / max(1, done - start_it) * (cfg.train.max_iters - done)
+                        log.info(
+                            format_iteration(
+                                done, cfg.train.max_iters, row["loss"], row["lr"], s_per_it, eta, peak_memory_mb(device)
+                            )
+                        )
+                        t_window, it_window = now, done
+                if done % cfg.train.eval_interval == 0 or done == cfg.train.max_iters:
+                    t_eval = time.perf_counter()
+                    metrics = evaluate(model, val_set, collate, cfg, device, d, progress=progress)  # every rank
+                    if d.main:
+                        log.info(
+                            "eval iter %d/%d  %s  (%.1f s)",
+                            done,
+                            cfg.train.max_iters,
+                            format_metrics(metrics),
+                            time.perf_counter() - t_eval,
+                        )
+                        history.append({"iter": done, **metrics})
+                        if hooks.after_eval is not None:
+                            hooks.after_eval(done, history[-1])
+                    if d.world > 1:
+                        dist.barrier()
+                if done % cfg.train.checkpoint_interval == 0 or done == cfg.train.max_iters:
+                    if (bad := _first_non_finite(model)) is not None:  # never checkpoint a diverged state
+                        raise DivergedError(f"weights {bad} are not finite", done, cfg)
+                    _save_checkpoint(run, model, optimizer, scheduler, done, history, d, scaler=scaler)
+                if hooks.after_iteration is not None:
+                    hooks.after_iteration(done)
+                if _KILL_AFTER and done == int(_KILL_AFTER):  # test hook: die like `kill -9` at a known point
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stop["flag"]:
+                    raise StopTraining(_stop_message(out, done, stop["signum"]), signum=stop["signum"])
+        finally:
+            bar.close()
+            _restore_signal_handlers(old_handlers)
+            # Stop the loader's workers now: a traceback that holds this frame (StopTraining) would keep them alive.
+            shutdown = getattr(loaded, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
-    final = {"final": {k: v for k, v in history[-1].items() if k != "iter"} if history else {}, "history": history}
-    if run is not None:
-        final["iterations"] = cfg.train.max_iters
-        atomic_write_json(run.path("metrics.json"), final)
-        n_params = backbone.param_breakdown()
-        total = sum(p.numel() for p in model.parameters())
-        costs = {
-            "params": {**n_params, "head": total - n_params["vit"] - n_params["adapter"], "total": total},
-            "flops_backbone_forward": count_flops(model, cfg, device),
-            "flops_note": FLOPS_NOTE,
-            "train_images_per_s": train_images / train_time if train_time else None,
-            "train_s_per_iter": train_time / max(1, cfg.train.max_iters - start_it),
-            "peak_memory_mb": peak_memory_mb(device),
-            "wall_time_s": time.perf_counter() - t_start,
-            "iterations_this_process": cfg.train.max_iters - start_it,
-            "world_size": d.world,
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-        }
-        atomic_write_json(run.path("costs.json"), costs)
+        final = {"final": {k: v for k, v in history[-1].items() if k != "iter"} if history else {}, "history": history}
+        if run is not None:
+            final["iterations"] = cfg.train.max_iters
+            atomic_write_json(run.path("metrics.json"), final)
+            n_params = backbone.param_breakdown()
+            total = sum(p.numel() for p in model.parameters())
+            costs = {
+                "params": {**n_params, "head": total - n_params["vit"] - n_params["adapter"], "total": total},
+                "flops_backbone_forward": count_flops(model, cfg, device),
+                "flops_note": FLOPS_NOTE,
+                "train_images_per_s": train_images / train_time if train_time else None,
+                "train_s_per_iter": train_time / max(1, cfg.train.max_iters - start_it),
+                "peak_memory_mb": peak_memory_mb(device),
+                "wall_time_s": time.perf_counter() - t_start,
+                "iterations_this_process": cfg.train.max_iters - start_it,
+                "world_size": d.world,
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+            }
+            atomic_write_json(run.path("costs.json"), costs)
+            log.info("finished %s in %s", run.out, _duration(time.perf_counter() - t_start))
+    if run is not None:  # the log file is closed: the work dir moves into place
         run.prune_checkpoints(keep=1)
         run.finalize()
     if d.world > 1:
@@ -768,11 +900,14 @@ def _restore_signal_handlers(old: dict[int, Any]) -> None:
         signal.signal(sig, h)
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
-    """`vit-adapter eval`: metrics of a saved checkpoint on the validation set."""
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """`vit-adapter eval`: metrics of a saved checkpoint on the validation set, with ``train.threads`` threads
+    (as in training: an unset thread count lets torch oversubscribe the cores, several times slower)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device, 0)
     _, val_set, collate = build_datasets(cfg, cfg.train.seed)
     model = build_model(cfg)
     ckpt = load_checkpoint(Path(checkpoint), model)
     model.load_state_dict(ckpt["model"])
-    return evaluate(model.to(device), val_set, collate, cfg, device)
+    return evaluate(model.to(device), val_set, collate, cfg, device, progress=progress)

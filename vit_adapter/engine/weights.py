@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vit_adapter.engine.rundir import atomic_write_bytes, atomic_write_json
+from vit_adapter.utils.io import atomic_path, atomic_write_json, sha256_file
 
 SUPPORTED_SUFFIXES = (".pth", ".pt", ".safetensors")
 URL_SCHEMES = ("http", "https", "file")
@@ -37,16 +37,8 @@ class WeightsError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Hashing and verification
+# Verification (digests: vit_adapter.utils.io)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _normalise_sha(sha256: str | None) -> str | None:
@@ -235,15 +227,8 @@ def _save_safetensors(sd: Mapping[str, torch.Tensor], out: Path) -> None:
 
     # clone: safetensors refuses tensors that share storage (views, tied weights).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def fetch_weights(source: str | Path, out: str | Path, sha256: str | None = None) -> Path:
@@ -320,11 +305,3 @@ def load_weights(path: str | Path, verify: bool = True) -> dict[str, torch.Tenso
         if expected:
             _verify(sha256_file(path), expected, str(path))
     return to_state_dict(read_checkpoint(path, ".safetensors"), str(path))
-
-
-def copy_sidecar(src: str | Path, dest_dir: str | Path) -> Path | None:
-    """Copy a weights sidecar into a run directory (provenance travels with the run); None if absent."""
-    side = sidecar_path(src)
-    if not side.is_file():
-        return None
-    return atomic_write_bytes(Path(dest_dir) / "weights.json", side.read_bytes())

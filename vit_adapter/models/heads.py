@@ -343,6 +343,7 @@ class SegmentationModel(nn.Module):
         *,
         avg_non_ignore: bool = False,
         size_divisor: int = 32,
+        class_weight: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -355,6 +356,12 @@ class SegmentationModel(nn.Module):
         if not isinstance(getattr(decode_head, "num_classes", None), int):
             raise ValueError("decode_head must expose an int attribute num_classes")
         self.num_classes: int = decode_head.num_classes
+        # Per-class loss weights (mmseg CrossEntropyLoss ``class_weight``): a pixel's loss is scaled by its class's
+        # weight, the sum still divided by the pixel count. A buffer, so it follows the model to its device.
+        if class_weight is not None and len(class_weight) != self.num_classes:
+            raise ValueError(f"class_weight has {len(class_weight)} entries for {self.num_classes} classes")
+        weight = None if class_weight is None else torch.tensor([float(w) for w in class_weight])
+        self.register_buffer("class_weight", weight, persistent=False)
 
     @property
     def backbone_module(self) -> nn.Module:
@@ -381,7 +388,8 @@ class SegmentationModel(nn.Module):
         return self._heads(images, with_aux=False)[0]
 
     def _ce(self, logits: Tensor, targets: Tensor) -> Tensor:
-        total = F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum")
+        weight = None if self.class_weight is None else self.class_weight.to(logits.dtype)
+        total = F.cross_entropy(logits, targets, weight, ignore_index=self.ignore_index, reduction="sum")
         if self.avg_non_ignore:
             denom = (targets != self.ignore_index).sum().clamp(min=1)
         else:
@@ -768,7 +776,7 @@ class MaskRCNNDetector(MaskRCNN):
 # --------------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------------
-_SEG_MODEL_KEYS = ("aux_weight", "ignore_index", "avg_non_ignore", "size_divisor")
+_SEG_MODEL_KEYS = ("aux_weight", "ignore_index", "avg_non_ignore", "size_divisor", "class_weight")
 
 
 def build_head_model(

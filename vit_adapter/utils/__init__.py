@@ -1,0 +1,32 @@
+"""Infrastructure shared by every layer: atomic writes, file digests, the project root.
+
+Imports flow one way (utils <- data <- models/engine <- pipeline/analysis): nothing here imports the rest of
+``vit_adapter``.
+"""
+
+from .io import (
+    TEMP_NAME_RE,
+    atomic_open,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    json_bytes,
+    sha256_bytes,
+    sha256_file,
+)
+from .paths import PROJECT_MARKERS, project_root
+
+__all__ = [
+    "PROJECT_MARKERS",
+    "TEMP_NAME_RE",
+    "atomic_open",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "json_bytes",
+    "project_root",
+    "sha256_bytes",
+    "sha256_file",
+]
