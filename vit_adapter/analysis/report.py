@@ -588,7 +588,17 @@ def _section_timings(
     rows: list[dict[str, Any]] = []
     if pretrain_json is not None and pretrain_json.is_file():
         meta = _read_json(pretrain_json)
-        rows.append({"stage": "weights (offline pretraining)", "group": "setup", "wall_s": meta.get("seconds")})
+        # A two-phase pretraining (params.yaml pretrain.first) records its first phase in the sidecar of the file
+        # it continued from (config.init_from, relative to the repo root where the stage runs).
+        init = (meta.get("config") or {}).get("init_from")
+        first = Path(f"{init}.json") if init else None
+        if first is not None and first.is_file():
+            first_meta = _read_json(first)
+            if first_meta.get("output_sha256") == meta.get("init_sha256"):
+                label = f"weights, phase 1 ({first_meta.get('objective', 'classify')})"
+                rows.append({"stage": label, "group": "setup", "wall_s": first_meta.get("seconds")})
+        label = f"weights, phase 2 ({meta['objective']})" if first is not None else "weights (offline pretraining)"
+        rows.append({"stage": label, "group": "setup", "wall_s": meta.get("seconds")})
     path = results_dir / "stage_timings.csv"
     if path.is_file():
         for r in pd.read_csv(path).itertuples():

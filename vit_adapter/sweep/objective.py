@@ -1,0 +1,294 @@
+"""What a trial computes: runs trained or loaded (trials and the reference points), the trial objective, and the
+exact trial budget shared by parallel workers (``ExactTrialBudget``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ..engine.config import Config
+from ..engine.rundir import atomic_write_text
+from .locks import FileLock, WorkerLocks, _trial_lock_path
+from .plan import Plan
+from .settings import FAILURE_ATTR, GAMMA, KILL_ENV, RATIO, REFERENCE_POINTS, TrialFailed
+from .storage import recover, root_number
+
+log = logging.getLogger(__package__)  # "vit_adapter.sweep", as before the split
+
+
+def _finished(run: Path) -> bool:
+    return (run / "metrics.json").is_file()
+
+
+def _discard_partial(run: Path) -> None:
+    shutil.rmtree(run.with_name(run.name + ".partial"), ignore_errors=True)
+
+
+def _identity_marker(run: Path) -> Path:
+    return run.with_name(run.name + ".identity")
+
+
+def _forget_if_stale(run: Path, identity: str) -> None:
+    """Discard `run` (finished or partial) unless it was trained for `identity` (config + input digests); then
+    record `identity` for it. The marker sits beside the run directory, so it exists before training starts and
+    a run whose marker is missing or different is never reused."""
+    marker = _identity_marker(run)
+    found = marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+    if found == identity:
+        return
+    if run.exists() or run.with_name(run.name + ".partial").exists():
+        log.warning("%s was trained for other inputs (identity %s, now %s); training it again", run, found, identity)
+        shutil.rmtree(run, ignore_errors=True)
+        _discard_partial(run)
+    atomic_write_text(marker, identity + "\n")
+
+
+def train_or_load(
+    cfg: Config,
+    run: Path,
+    *,
+    identity: str | None = None,
+    after_eval: Callable[[int, dict[str, Any]], None] | None = None,
+    after_iteration: Callable[[int], None] | None = None,
+    keep_checkpoints: bool = False,
+) -> dict[str, Any]:
+    """metrics.json of a finished run (cached), else train: resuming `<run>.partial` when it exists. With
+    `identity` (Plan.run_identity), a run trained for another identity is discarded first, never reused."""
+    from ..engine.trainer import Hooks, train
+
+    if identity is not None:
+        _forget_if_stale(run, identity)
+    if _finished(run):
+        result = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+        if after_eval is not None:  # replay the evaluations, so a retried trial reports the same steps
+            for row in result.get("history", []):
+                after_eval(row["iter"], row)
+        return result
+    # The trainer resumes `<run>.partial` only when its config matches (execution keys such as threads aside).
+    result = train(cfg, run, resume=True, hooks=Hooks(after_iteration, after_eval), progress=False)
+    if not keep_checkpoints:
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    return result
+
+
+def _metric_of(result: Mapping[str, Any], metric: str, where: str) -> float:
+    value = result.get("final", {}).get(metric)
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise TrialFailed(f"{where}: metric {metric!r} is {value!r} (final keys: {sorted(result.get('final', {}))})")
+    return float(value)
+
+
+def _kill_trigger() -> tuple[int, int] | None:
+    raw = os.environ.get(KILL_ENV)
+    if not raw:
+        return None
+    trial, it = raw.split(":")
+    return int(trial), int(it)
+
+
+def run_reference(plan: Plan, name: str, seed: int, *, blocking: bool) -> dict[str, Any] | None:
+    """Train (or load) one reference point for one seed. With blocking=False, skip it when another worker
+    holds it. Returns its metrics, or None when skipped."""
+    run = plan.reference_dir(name) / f"seed_{seed}"
+    cfg = plan.config(seed, REFERENCE_POINTS[name])
+    identity = plan.run_identity(cfg)
+    if _finished_as(run, identity):
+        return json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    lock = FileLock(plan.study_dir / "locks" / f"reference_{name}_seed{seed}.lock")
+    if not lock.acquire(blocking=blocking):
+        return None
+    try:
+        log.info("reference %s, seed %d", name, seed)
+        return train_or_load(cfg, run, identity=identity, keep_checkpoints=plan.settings.keep_checkpoints)
+    finally:
+        lock.release()
+
+
+def _finished_as(run: Path, identity: str) -> bool:
+    """A finished run trained for `identity` (a stale one does not count)."""
+    marker = _identity_marker(run)
+    return _finished(run) and marker.is_file() and marker.read_text(encoding="utf-8").strip() == identity
+
+
+def collect_references(plan: Plan, *, run_missing: bool) -> dict[str, Any]:
+    """reference_points.json's content; `run_missing` trains what no worker has finished."""
+    out: dict[str, Any] = {}
+    for name, point in REFERENCE_POINTS.items():
+        per_seed: dict[str, float | None] = {}
+        finals: dict[str, Any] = {}
+        for seed in plan.settings.seeds:
+            result = run_reference(plan, name, seed, blocking=True) if run_missing else None
+            run = plan.reference_dir(name) / f"seed_{seed}"
+            if result is None and _finished_as(run, plan.run_identity(plan.config(seed, point))):
+                result = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+            if result is None:
+                per_seed[str(seed)] = None
+                continue
+            per_seed[str(seed)] = _metric_of(result, plan.metric, f"reference {name} seed {seed}")
+            finals[str(seed)] = {k: v for k, v in result["final"].items() if not isinstance(v, list)}
+        values = [v for v in per_seed.values() if v is not None]
+        out[name] = {
+            "params": dict(point),
+            "per_seed": per_seed,
+            "mean": sum(values) / len(values) if len(values) == len(per_seed) else None,
+            "final_per_seed": finals,
+            "run_dir": str(plan.reference_dir(name)),
+        }
+    return out
+
+
+def _references_doc(plan: Plan, *, run_missing: bool) -> dict[str, Any]:
+    return {
+        "metric": plan.metric,
+        "seeds": list(plan.settings.seeds),
+        "points": collect_references(plan, run_missing=run_missing),
+    }
+
+
+class ExactTrialBudget:
+    """After each trial, under the turnstile: stop, or let the next `ask` happen (see _may_start_trial), so
+    trials running in other workers count and two workers cannot both take the last slot."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        storage: optuna.storages.BaseStorage,
+        locks: WorkerLocks,
+        worker: int,
+        deadline: float | None,
+    ) -> None:
+        self.plan, self.storage, self.locks, self.worker, self.deadline = plan, storage, locks, worker, deadline
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.locks.trial is not None:  # the finished trial's state is stored now
+            self.locks.trial.release()
+            self.locks.trial = None
+        self.locks.turnstile.acquire()  # held until the next trial is locked, or until the worker stops
+        if not _may_start_trial(self.plan, study, self.storage, self.locks, self.worker, self.deadline):
+            study.stop()
+
+
+def _may_start_trial(
+    plan: Plan,
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    locks: WorkerLocks,
+    worker: int,
+    deadline: float | None,
+) -> bool:
+    """Called with the turnstile held; returns with it held. True: the study has a free slot (COMPLETE + PRUNED +
+    RUNNING < n_trials, a queued retry included), ask for it now. False: stop (done, too many diverged trials, or
+    the time budget is spent). When every free slot is taken by a trial RUNNING elsewhere, wait: that trial may
+    still fail or die (its worker's lock frees, or its heartbeat goes stale, and it is retried), and stopping
+    then would leave the study one trial short."""
+    s = plan.settings
+    poll = min(float(s.heartbeat_s), 2.0 if plan.uses_journal else 10.0)
+    waited = False
+    while True:
+        recover(plan, study, storage)  # a sibling may have died; its trial must not count as running
+        if _too_many_failures(plan, study, worker):
+            return False
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if finished >= s.n_trials:
+            log.info("worker %d: the study holds its %d trials", worker, s.n_trials)
+            return False
+        if deadline is not None and time.time() >= deadline:
+            log.info("worker %d: the sweep's time budget is spent", worker)
+            return False
+        if finished + running < s.n_trials:
+            return True
+        if not waited:
+            log.info("worker %d: waiting for %d trial(s) running elsewhere", worker, running)
+            waited = True
+        locks.turnstile.release()  # the others need it to finish (their callbacks) and to recover
+        time.sleep(poll)
+        locks.turnstile.acquire()
+
+
+def _too_many_failures(plan: Plan, study: optuna.Study, worker: int) -> bool:
+    """Trials that failed deterministically (divergence) do not count towards n_trials; without a cap, a study
+    whose every point diverges would never end."""
+    cap = plan.settings.max_failed or plan.settings.n_trials
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if FAILURE_ATTR in t.user_attrs]
+    if len(failed) >= cap:
+        log.error(
+            "worker %d: %d trials failed (e.g. %s); stopping", worker, len(failed), failed[-1].user_attrs[FAILURE_ATTR]
+        )
+        return True
+    return False
+
+
+def _objective(plan: Plan, locks: WorkerLocks) -> Callable[[optuna.Trial], float]:
+    s = plan.settings
+    kill = _kill_trigger()
+
+    def objective(trial: optuna.Trial) -> float:
+        locks.trial = FileLock(_trial_lock_path(plan, trial.number))
+        locks.trial.acquire()  # released by the callback after `tell` (or when the worker exits)
+        locks.turnstile.release()  # the trial exists and is locked: others may start theirs
+        return _run_trial(trial)
+
+    def _run_trial(trial: optuna.Trial) -> float:
+        gamma = trial.suggest_float(GAMMA, 1e-6, 1.0, log=True)
+        ratio = trial.suggest_float(RATIO, 1 / 16, 1.0)
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        root = root_number(frozen)
+        reported = set(frozen.intermediate_values)  # a retry inherits its original's reports
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("run_dir", str(plan.trial_dir(root)))
+        per_seed: list[float] = []
+        for i, seed in enumerate(s.seeds):
+            run = plan.trial_dir(root) / f"seed_{seed}"
+            cfg = plan.config(seed, {GAMMA: gamma, RATIO: ratio, "with_cffn": True})
+
+            def after_eval(it: int, metrics: dict[str, Any], i: int = i, seed: int = seed) -> None:
+                value = metrics.get(plan.metric)
+                step = i * plan.max_iters + it
+                if isinstance(value, int | float) and step not in reported:
+                    trial.report(float(value), step)
+                    reported.add(step)
+                if step < len(s.seeds) * plan.max_iters and trial.should_prune():  # never prune a finished trial
+                    raise optuna.TrialPruned(f"{plan.metric} = {value} at seed {seed}, iteration {it}")
+
+            def after_iteration(it: int, i: int = i) -> None:
+                if kill is not None and i == 0 and (trial.number, it) == kill:
+                    os.kill(os.getpid(), signal.SIGKILL)  # test-only: die like an OOM-killed worker
+
+            try:
+                result = train_or_load(
+                    cfg,
+                    run,
+                    identity=plan.run_identity(cfg),
+                    after_eval=after_eval,
+                    after_iteration=after_iteration,
+                    keep_checkpoints=s.keep_checkpoints,
+                )
+                value = _metric_of(result, plan.metric, f"trial {trial.number} seed {seed}")
+            except optuna.TrialPruned:
+                _discard_partial(run)  # a pruned run is never resumed
+                raise
+            except (FloatingPointError, TrialFailed) as err:  # diverged: a retry would do the same
+                _discard_partial(run)
+                trial.set_user_attr(FAILURE_ATTR, f"{type(err).__name__}: {err}")
+                raise TrialFailed(str(err)) from err
+            per_seed.append(value)
+            trial.set_user_attr(f"{plan.metric}_seed{seed}", value)
+            finals = {k: v for k, v in result["final"].items() if not isinstance(v, list)}
+            trial.set_user_attr(f"final_seed{seed}", finals)
+        return sum(per_seed) / len(per_seed)
+
+    return objective
