@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from tests.test_engine import tiny_sets
 from vit_adapter.cli import _parse_flag, main
 from vit_adapter.data import generate_dataset
 
@@ -25,36 +26,8 @@ ITER_LINE = re.compile(
 
 
 def _tiny_sets(root: Path) -> list[str]:
-    """A seconds-long semantic-segmentation run (as tests/test_engine.py's tiny runs)."""
-    return [
-        "model.task=seg",
-        f"data.root={root}",
-        "data.image_size=64",
-        "data.n_train=4",
-        "data.n_val=4",
-        "data.batch_size=4",
-        "data.flip=false",
-        "model.embed_dim=64",
-        "model.num_heads=2",
-        "model.deform_num_heads=2",
-        "model.conv_inplane=16",
-        "model.pretrain_size=64",
-        "model.drop_path_rate=0.0",
-        "optim.lr=1e-3",
-        "optim.warmup_iters=0",
-        "optim.milestones=[]",
-        f"train.max_iters={ITERS}",
-        f"train.eval_interval={ITERS}",
-        "train.checkpoint_interval=2",
-        "train.log_interval=2",
-        "train.threads=1",
-        "weights.init=scratch",
-        "data.label_mode=classes",
-        "head.type=semfpn",
-        "head.num_classes=11",
-        "head.channels=32",
-        "head.fpn_channels=32",
-    ]
+    """tests/test_engine.py's seconds-long semantic-segmentation run, logging every second iteration."""
+    return tiny_sets(root, "seg", ITERS, extra=["train.log_interval=2"])
 
 
 def _set_args(sets: list[str]) -> list[str]:
