@@ -593,3 +593,23 @@ def test_analysis_modules_import_no_cycle() -> None:
 
     for mod in graph:
         visit(mod, ())
+
+
+def test_analysis_cli_contract_prints_paths_or_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """The shared entry-point contract of aggregate, plots and report: written paths on stdout, exit 0; a bad
+    input is one readable `error:` line (a KeyError without its repr quotes) and exit 2."""
+    from vit_adapter.analysis.cli_common import analysis_parser, run_step
+
+    assert run_step(lambda: [Path("a.csv"), Path("b.csv")]) == 0
+    assert capsys.readouterr().out.splitlines() == ["a.csv", "b.csv"]
+    assert run_step(lambda: Path("report.md")) == 0
+    assert capsys.readouterr().out == "report.md\n"
+
+    def missing_key() -> Path:
+        raise KeyError("summary.csv lacks column 'mIoU'")
+
+    assert run_step(missing_key) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "error: summary.csv lacks column 'mIoU'\n"
+    args = analysis_parser("plots", "Plot things.\n\nMore.").parse_args(["--paper", "p.yml"])
+    assert vars(args) == {"paper_path": Path("p.yml"), "registry_path": None}  # dests = the step functions' names

@@ -14,7 +14,6 @@ statistics live in ``summary`` and are re-exported here.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -26,10 +25,11 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from vit_adapter.engine.rundir import atomic_write_json
+from vit_adapter.utils.io import atomic_write_json
 from vit_adapter.utils.paths import project_root
 
 from . import tables
+from .cli_common import analysis_parser, run_step
 from .registry import Registry, load_registry
 from .stats import DEFAULT_N_BOOT
 from .summary import paired_delta, paired_differences, summarise, variant_sort_key, write_csv
@@ -335,40 +335,24 @@ def run_aggregate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vit_adapter.analysis.aggregate", description=__doc__.split("\n")[0])
-    p.add_argument("--runs", type=Path, default=Path("results/runs"), help="directory of <variant>/s<seed>/ runs")
-    p.add_argument("--out", type=Path, default=Path("results"), help="where the CSV/Markdown tables go")
+    p = analysis_parser("aggregate", __doc__)
+    p.add_argument(
+        "--runs", dest="runs_dir", type=Path, default=Path("results/runs"), help="directory of <variant>/s<seed>/ runs"
+    )
+    p.add_argument("--out", dest="out_dir", type=Path, default=Path("results"), help="where the CSV/Markdown tables go")
     p.add_argument("--metric", default=None, help="primary metric (default: mIoU for seg, bbox_mAP for det)")
-    p.add_argument("--paper", type=Path, default=None, help="paper numbers YAML (default ablations/paper_numbers.yml)")
     p.add_argument("--attention-json", type=Path, default=None, help="bench/attention_cost.py output (optional)")
     p.add_argument(
         "--ablations",
+        dest="ablations_dir",
         type=Path,
         default=DEFAULT_ABLATIONS if DEFAULT_ABLATIONS.is_dir() else None,
         help="check each run's model flags against the overlay its name claims (default: the repo's ablations/)",
     )
-    p.add_argument("--no-check", dest="ablations", action="store_const", const=None, help="skip that check")
+    p.add_argument("--no-check", dest="ablations_dir", action="store_const", const=None, help="skip that check")
     p.add_argument("--n-boot", type=int, default=DEFAULT_N_BOOT, help="bootstrap resamples (n >= 10 pairs)")
-    p.add_argument("--registry", type=Path, default=None, help="ablation registry (default ablations/index.yml)")
     args = p.parse_args(argv)
-    try:
-        written = run_aggregate(
-            args.runs,
-            args.out,
-            metric=args.metric,
-            paper_path=args.paper,
-            attention_json=args.attention_json,
-            ablations_dir=args.ablations,
-            n_boot=args.n_boot,
-            registry_path=args.registry,
-        )
-    except (RunFormatError, FileNotFoundError, ValueError, KeyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    return 0
+    return run_step(lambda: run_aggregate(**vars(args)))
 
 
 if __name__ == "__main__":

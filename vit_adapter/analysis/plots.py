@@ -12,7 +12,6 @@ re-running on the same inputs gives identical bytes.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -29,8 +28,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from vit_adapter.engine.rundir import atomic_write_bytes  # noqa: E402
+from vit_adapter.utils.io import atomic_write_bytes  # noqa: E402
 
+from .cli_common import analysis_parser, run_step  # noqa: E402
 from .registry import Registry, TableSpec, load_registry  # noqa: E402
 from .summary import write_csv  # noqa: E402
 from .tables import paper_by_variant  # noqa: E402
@@ -379,29 +379,15 @@ def make_plots(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vit_adapter.analysis.plots", description=__doc__.split("\n")[0])
-    p.add_argument("--results", type=Path, default=Path("results"), help="aggregate's output directory")
-    p.add_argument("--out", type=Path, default=Path("reports/figures"), help="where the PNGs go")
-    p.add_argument("--runs", type=Path, default=None, help="run directories (default <results>/runs)")
-    p.add_argument("--paper", type=Path, default=None, help="paper numbers YAML (default ablations/paper_numbers.yml)")
+    p = analysis_parser("plots", __doc__)
+    p.add_argument(
+        "--results", dest="results_dir", type=Path, default=Path("results"), help="aggregate's output directory"
+    )
+    p.add_argument("--out", dest="out_dir", type=Path, default=Path("reports/figures"), help="where the PNGs go")
+    p.add_argument("--runs", dest="runs_dir", type=Path, default=None, help="run directories (default <results>/runs)")
     p.add_argument("--pretrain-json", type=Path, default=None, help="pretraining sidecar JSON (optional figure)")
-    p.add_argument("--registry", type=Path, default=None, help="ablation registry (default ablations/index.yml)")
     args = p.parse_args(argv)
-    try:
-        written = make_plots(
-            args.results,
-            args.out,
-            runs_dir=args.runs,
-            paper_path=args.paper,
-            pretrain_json=args.pretrain_json,
-            registry_path=args.registry,
-        )
-    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    return 0
+    return run_step(lambda: make_plots(**vars(args)))
 
 
 if __name__ == "__main__":

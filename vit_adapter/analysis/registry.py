@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from vit_adapter.engine.rundir import REPO_ROOT
+from vit_adapter.utils.paths import project_root
 
-DEFAULT_REGISTRY = REPO_ROOT / "ablations" / "index.yml"
+DEFAULT_REGISTRY = project_root() / "ablations" / "index.yml"
 NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")  # a variant is also a directory and a DVC stage name
 
 # Roles the report's sentences are written for; each names at most one variant (the reference exactly one).

@@ -12,7 +12,6 @@ timestamps: the same inputs give the same bytes.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -25,8 +24,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from vit_adapter.engine.rundir import REPO_ROOT, atomic_write_json, atomic_write_text
+from vit_adapter.utils.io import atomic_write_json, atomic_write_text
+from vit_adapter.utils.paths import project_root
 
+from .cli_common import analysis_parser, run_step
 from .registry import Registry, load_registry
 from .stats import BOOTSTRAP_MIN_N, DEFAULT_N_BOOT, Interval
 from .summary import paired_delta
@@ -830,7 +831,7 @@ def write_report(
     metric = str(summary["metric"].iloc[0])
     conf = float(summary["conf"].iloc[0])
     overhead_json = overhead_json if overhead_json is not None else results_dir / "overhead.json"
-    dvc_lock = dvc_lock if dvc_lock is not None else REPO_ROOT / "dvc.lock"
+    dvc_lock = dvc_lock if dvc_lock is not None else project_root() / "dvc.lock"
     configs = _run_files(runs, runs_dir, "config.yaml")
     metas = _run_files(runs, runs_dir, "run.json")
     task = str(runs["task"].iloc[0])
@@ -896,12 +897,11 @@ def _load_mapping(path: Path | None, what: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vit_adapter.analysis.report", description=__doc__.split("\n")[0])
-    p.add_argument("--results", type=Path, default=Path("results"))
-    p.add_argument("--figures", type=Path, default=Path("reports/figures"))
-    p.add_argument("--out", type=Path, default=Path("reports/ablation_report.md"))
-    p.add_argument("--runs", type=Path, default=None, help="run directories (default <results>/runs)")
-    p.add_argument("--paper", type=Path, default=None, help="paper numbers YAML (default ablations/paper_numbers.yml)")
+    p = analysis_parser("report", __doc__)
+    p.add_argument("--results", dest="results_dir", type=Path, default=Path("results"))
+    p.add_argument("--figures", dest="figures_dir", type=Path, default=Path("reports/figures"))
+    p.add_argument("--out", dest="out_md", type=Path, default=Path("reports/ablation_report.md"))
+    p.add_argument("--runs", dest="runs_dir", type=Path, default=None, help="run directories (default <results>/runs)")
     p.add_argument("--profile-info", type=Path, default=None, help="YAML/JSON mapping shown under Method")
     p.add_argument("--timings", type=Path, default=None, help="YAML/JSON mapping of stage → seconds")
     p.add_argument("--sweep-dir", type=Path, default=None, help="sweep outputs (CSV, JSON, PNG) for the Sweeps section")
@@ -909,31 +909,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overhead-json", type=Path, default=None, help="bench/overhead.py --json output")
     p.add_argument("--dvc-lock", type=Path, default=None, help="dvc.lock to fingerprint (default: repo root)")
     p.add_argument("--findings-json", type=Path, default=None, help="also write the verdict table as JSON here")
-    p.add_argument("--registry", type=Path, default=None, help="ablation registry (default ablations/index.yml)")
     args = p.parse_args(argv)
-    try:
-        profile_info = _load_mapping(args.profile_info, "profile info")
-        timings = _load_mapping(args.timings, "timings") or None
-        out = write_report(
-            args.results,
-            args.figures,
-            args.out,
-            profile_info=profile_info,
-            timings=timings,
-            sweep_dir=args.sweep_dir,
-            runs_dir=args.runs,
-            paper_path=args.paper,
-            pretrain_json=args.pretrain_json,
-            overhead_json=args.overhead_json,
-            dvc_lock=args.dvc_lock,
-            findings_json=args.findings_json,
-            registry_path=args.registry,
-        )
-    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+
+    def write() -> Path:
+        kwargs = vars(args)
+        kwargs["profile_info"] = _load_mapping(kwargs["profile_info"], "profile info")
+        kwargs["timings"] = _load_mapping(kwargs["timings"], "timings") or None
+        return write_report(**kwargs)
+
+    return run_step(write)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from vit_adapter.engine.rundir import atomic_write_text
+from vit_adapter.utils.io import atomic_write_text
 
 from .registry import Registry, load_registry
 from .stats import DEFAULT_BOOT_SEED, DEFAULT_N_BOOT, Interval, mean_interval

@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from vit_adapter.engine.rundir import REPO_ROOT, atomic_write_text
+from vit_adapter.utils.io import atomic_write_text
+from vit_adapter.utils.paths import project_root
 
 from .registry import Registry, TableSpec, load_registry
 from .summary import summarise, write_csv
 
-PAPER_NUMBERS = REPO_ROOT / "ablations" / "paper_numbers.yml"
+PAPER_NUMBERS = project_root() / "ablations" / "paper_numbers.yml"
 PAPER_KEYS = ("table", "label", "N", "APb", "APm", "params_M", "flops_G", "train_time_s", "memory_G", "complexity")
 PAPER_METRICS = ("APb", "APm")
 
