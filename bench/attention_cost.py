@@ -217,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from vit_adapter.engine.rundir import atomic_write_json, cpu_model
+    from vit_adapter.engine.rundir import cpu_model
+    from vit_adapter.utils.io import atomic_write_json
 
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)

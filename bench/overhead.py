@@ -530,7 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results))
     if args.out is not None:
-        from vit_adapter.engine.rundir import atomic_write_json, cpu_model
+        from vit_adapter.engine.rundir import cpu_model
+        from vit_adapter.utils.io import atomic_write_json
 
         # Ratios depend on the CPU (memory-bound adapter glue vs GEMM-bound ViT), so the file names the host.
         host = (

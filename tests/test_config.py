@@ -29,6 +29,7 @@ from vit_adapter.engine.config import (
     parse_set,
     save_config,
 )
+from vit_adapter.utils import io as utils_io
 
 PROFILES = sorted(EXPERIMENTS_DIR.glob("*.yaml"))
 OVERLAYS = sorted(ABLATIONS_DIR.glob("*.yaml"))
@@ -334,24 +335,24 @@ def test_argparse_glue() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Run directory utilities (vit_adapter/engine/rundir.py)
+# Atomic writes (vit_adapter/utils/io.py) and run directories (vit_adapter/engine/rundir.py)
 # ---------------------------------------------------------------------------------------------------------
 
 
 def test_atomic_writes(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "m.json"
-    rundir.atomic_write_json(target, {"b": 1, "a": [1.5]})
+    utils_io.atomic_write_json(target, {"b": 1, "a": [1.5]})
     assert json.loads(target.read_text()) == {"a": [1.5], "b": 1}
-    rundir.atomic_write_bytes(tmp_path / "x.bin", b"\x00\x01")
+    utils_io.atomic_write_bytes(tmp_path / "x.bin", b"\x00\x01")
     assert (tmp_path / "x.bin").read_bytes() == b"\x00\x01"
     # A failure mid-write keeps the old file and leaves no temp file.
-    with pytest.raises(RuntimeError), rundir.atomic_open(target, "w") as fh:
+    with pytest.raises(RuntimeError), utils_io.atomic_open(target, "w") as fh:
         fh.write("partial")
         raise RuntimeError("boom")
     assert json.loads(target.read_text()) == {"a": [1.5], "b": 1}
     assert sorted(p.name for p in target.parent.iterdir()) == ["m.json"]
     with pytest.raises(ValueError):
-        rundir.atomic_write_json(target, {"x": float("nan")})
+        utils_io.atomic_write_json(target, {"x": float("nan")})
     assert json.loads(target.read_text()) == {"a": [1.5], "b": 1}
 
 
@@ -390,6 +391,30 @@ def test_run_dir_lifecycle(tmp_path: Path) -> None:
     fresh.release()
     assert (out / "new.txt").is_file() and not (out / "metrics.json").exists()
     assert sorted(p.name for p in out.parent.iterdir()) == ["full-0"]  # no lock file, no temp left
+
+
+def test_run_dir_status_and_discard(tmp_path: Path) -> None:
+    """The one "finished / resumable / gone" test that pipeline and sweep use (no `.partial` literals there)."""
+    out = tmp_path / "full-0"
+    assert rundir.RunDir(out).status() == "absent" and rundir.RunDir(out).work_identity() is None
+    run = rundir.open_run_dir(out, "hash-a")
+    run.release()
+    assert run.status() == "partial" and run.work_identity() == "hash-a"
+    run.discard(finished=False)
+    assert run.status() == "absent"
+    run = rundir.open_run_dir(out, "hash-a")
+    rundir.atomic_write_text(run.path(rundir.METRICS_FILE), "{}")
+    run.finalize()
+    run.release()
+    assert rundir.RunDir(out).status() == "finished"
+    later = rundir.open_run_dir(out, "hash-b", overwrite=True)  # a newer attempt beside the finished run
+    later.release()
+    later.discard(finished=False)
+    assert later.status() == "finished" and not later.work.exists()
+    (out / rundir.METRICS_FILE).unlink()
+    assert later.status() == "damaged"
+    later.discard()
+    assert later.status() == "absent" and not out.exists()
 
 
 def test_run_dir_no_resume_starts_fresh(tmp_path: Path) -> None:

@@ -12,12 +12,17 @@ import torch
 
 from vit_adapter.data.pretrain import TexturedFashionMNIST
 from vit_adapter.engine.pretrain import (
+    OBJECTIVES,
+    PretrainConfig,
     batch_augment,
+    build_head,
     classify,
     head_path,
     load_pretrained,
     pretrain,
+    validate,
 )
+from vit_adapter.engine.pretrain_objectives import OBJECTIVE_REGISTRY
 from vit_adapter.engine.weights import load_weights, sha256_file, sidecar_path
 from vit_adapter.models.vit import PlainViT, load_vit_state_dict
 
@@ -130,3 +135,22 @@ def test_batch_augment_identity_and_determinism() -> None:
     a = batch_augment(x, torch.Generator().manual_seed(3))
     b = batch_augment(x, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and not torch.equal(a, x)
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_each_objective_scores_a_batch_with_a_scalar_loss(name: str) -> None:
+    assert tuple(OBJECTIVE_REGISTRY) == OBJECTIVES  # the CLI choices are the registry
+    cfg = PretrainConfig(objective=name, image_size=32)
+    vkw = validate(cfg)
+    objective = OBJECTIVE_REGISTRY[name](cfg, vkw)
+    torch.manual_seed(0)
+    vit, head = PlainViT(**vkw), build_head(vkw["embed_dim"], objective.num_classes)
+    if name == "classify":
+        targets = torch.tensor([1, 7])
+    else:  # per-token class histograms, (B, 2x2 tokens, C)
+        targets = torch.rand(2, 4, objective.num_classes).softmax(dim=-1)
+    loss, hits, counted = objective.loss_and_hits(vit, head, torch.randn(2, 3, 32, 32), targets)
+    assert loss.ndim == 0 and loss.requires_grad and torch.isfinite(loss)
+    assert 0 <= hits <= counted and counted > 0
+    flip = torch.tensor([True, False])
+    assert objective.flip_targets(targets, flip, vit.pretrain_grid).shape == targets.shape

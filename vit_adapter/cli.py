@@ -182,8 +182,9 @@ def _run_checkpoint(run_dir: Path) -> Path:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.config import load_config
-    from .engine.rundir import atomic_write_json
+    from .engine.rundir import RunDir
     from .engine.trainer import evaluate_checkpoint
+    from .utils.io import atomic_write_json
 
     if args.seed is not None:
         args.sets = [*args.sets, f"train.seed={args.seed}"]
@@ -192,7 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UsageError("give a run directory or --config, not both (the run's config.yaml is its config)")
         saved = args.run_dir / "config.yaml"
         if not saved.is_file():
-            partial = args.run_dir.with_name(args.run_dir.name + ".partial")
+            partial = RunDir(args.run_dir).work
             hint = f"; an unfinished run's work dir is {partial}" if (partial / "config.yaml").is_file() else ""
             raise UsageError(f"{args.run_dir} is not a run directory (no config.yaml){hint}")
         cfg = load_config(saved, args.overlays, args.sets)  # train.threads etc. as the run had them

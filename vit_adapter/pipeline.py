@@ -28,7 +28,8 @@ import yaml
 
 from .engine.config import Config, load_config, save_config
 from .engine.identity import run_identity
-from .engine.rundir import IDENTITY_FILE, PARTIAL_SUFFIX, atomic_write_json
+from .engine.rundir import RunDir
+from .utils.io import atomic_path, atomic_write_json
 from .utils.paths import project_root
 
 REPO = project_root()
@@ -127,11 +128,9 @@ def step_weights(params: dict[str, Any]) -> int:
             from .engine.weights import sidecar_path
 
             init = REPO / p["init_from"]
-            init.parent.mkdir(parents=True, exist_ok=True)
             for src, dst in ((out, init), (sidecar_path(out), sidecar_path(init))):
-                tmp = dst.with_name(dst.name + ".tmp")
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
+                with atomic_path(dst) as tmp:
+                    shutil.copyfile(src, tmp)
         return 0
     from .engine.pretrain import pretrain
 
@@ -153,18 +152,11 @@ def step_weights(params: dict[str, Any]) -> int:
 def _finished_identity(out: Path) -> str | None:
     """The identity a finished run directory recorded (None if unfinished or written before identities)."""
     try:
-        if (out / "metrics.json").is_file():
+        if RunDir(out).status() == "finished":
             return json.loads((out / "run.json").read_text(encoding="utf-8")).get("identity")
     except (OSError, json.JSONDecodeError):
         pass
     return None
-
-
-def _partial_identity(out: Path) -> str | None:
-    try:
-        return (out.with_name(out.name + PARTIAL_SUFFIX) / IDENTITY_FILE).read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
 
 
 def _run_one(cfg: Config, out: Path, launcher: str | None = None) -> tuple[str, int, bool]:
@@ -172,11 +164,12 @@ def _run_one(cfg: Config, out: Path, launcher: str | None = None) -> tuple[str, 
     process on this machine, docs/performance.md), or through `launcher` (params.yaml, e.g. ``torchrun
     --standalone --nproc_per_node 8``: one run on 8 GPUs). Returns (name, exit code, whether it trained)."""
     identity, _ = run_identity(cfg)
+    run = RunDir(out)
     if out.is_dir():
         if _finished_identity(out) == identity:
             return out.name, 0, False  # finished from the same config, code, data and weights
-        shutil.rmtree(out)  # stale: another config or other input bytes
-    resume = _partial_identity(out) == identity
+        shutil.rmtree(out)  # stale: another config or other input bytes (its work dir may still resume)
+    resume = run.work_identity() == identity
     cfg_file = out.with_name(out.name + ".config.yaml")
     save_config(cfg, cfg_file)
     python = shlex.split(launcher) if launcher else [sys.executable]

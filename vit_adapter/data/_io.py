@@ -1,18 +1,20 @@
-"""I/O helpers shared by the generator and the loaders: one error type, checked reading and decoding.
+"""I/O helpers shared by the generator and the loaders: one error type, checked reading and decoding, npz caches.
 
 Atomic writes and digests are ``vit_adapter.utils.io``'s.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..utils.io import atomic_write_bytes as atomic_write_bytes  # re-exported: data/scene_tokens.py
+from ..utils.io import atomic_write_bytes
 
 
 class DataError(ValueError):
@@ -76,13 +78,33 @@ def check_image(path: Path) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def save_npz_cache(path: str | os.PathLike[str], params: dict[str, Any], **arrays: np.ndarray) -> Path:
+    """Store `arrays` with the `params` that generated them (as sorted JSON), atomically: a rendered set is
+    computed once, and a reader can tell whether a cache file was made for the parameters it needs."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays, params=np.array(json.dumps(params, sort_keys=True)))
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_npz_cache(
+    path: str | os.PathLike[str], names: tuple[str, ...], what: str
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(arrays by name, params) of a file written by ``save_npz_cache``; DataError naming `path` and `what` it
+    should have been when it is missing or is not such a file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {name: z[name] for name in names}, json.loads(str(z["params"]))
+    except FileNotFoundError as e:
+        raise DataError(f"npz file not found: {path}") from e
+    except (KeyError, ValueError, OSError) as e:
+        raise DataError(f"{path} is not {what}: {e}") from e
+
+
 def png_bytes(arr: np.ndarray, compress_level: int = 1) -> bytes:
     """Encode a uint8 array as PNG. PIL+zlib output is byte-identical for identical input.
 
     Level 1: the noisy synthetic images barely compress better at higher levels, which cost 1.5-2x the time.
     """
-    import io
-
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()

@@ -8,7 +8,6 @@ so no item is shared between the splits.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,9 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..utils.io import atomic_write_bytes
 from . import render
-from ._io import DataError
+from ._io import DataError, load_npz_cache, save_npz_cache
 from .sources import load_silhouettes, load_textures
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -184,14 +182,7 @@ class TexturedFashionMNIST(Dataset):
 
     def save_npz(self, path: str | os.PathLike[str]) -> Path:
         """Render every image once and store them (uint8) with labels and parameters, atomically."""
-        import io
-
-        path = Path(path)
-        images = self.images()
-        buf = io.BytesIO()
-        np.savez(buf, images=images, labels=self.labels, params=np.array(json.dumps(self.params(), sort_keys=True)))
-        atomic_write_bytes(path, buf.getvalue())
-        return path
+        return save_npz_cache(path, self.params(), images=self.images(), labels=self.labels)
 
     @classmethod
     def from_npz(
@@ -204,13 +195,8 @@ class TexturedFashionMNIST(Dataset):
     ) -> TexturedFashionMNIST:
         """Load a set written by ``save_npz`` (no rendering needed)."""
         path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                images, labels, params = z["images"], z["labels"], json.loads(str(z["params"]))
-        except FileNotFoundError as e:
-            raise DataError(f"npz file not found: {path}") from e
-        except (KeyError, ValueError, OSError) as e:
-            raise DataError(f"{path} is not a classification cache written by save_npz: {e}") from e
+        arrays, params = load_npz_cache(path, ("images", "labels"), "a classification cache written by save_npz")
+        images, labels = arrays["images"], arrays["labels"]
         if params.get("render_version") != RENDER_VERSION:
             raise DataError(
                 f"{path} was rendered by version {params.get('render_version', 1)} of the pretraining images, "

@@ -14,14 +14,12 @@ training items, 'val' the test items, exactly as the downstream splits do.
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from ._io import DataError, atomic_write_bytes
+from ._io import load_npz_cache, save_npz_cache
 from .sources import load_silhouettes, load_textures
 from .synth import SceneConfig, render_scene, scene_rng
 
@@ -85,12 +83,9 @@ def render_token_split(
         tag = f"{split}_{image_size}px_n{n}_seed{data_seed}_p{patch}_d{difficulty:g}_v{TOKENS_VERSION}"
         cache = Path(cache_dir) / f"scene_tokens_{tag}.npz"
         if cache.is_file():
-            try:
-                with np.load(cache, allow_pickle=False) as z:
-                    if json.loads(str(z["params"])) == params:
-                        return z["images"], z["targets"], params["silhouettes"]
-            except (KeyError, ValueError, OSError) as err:
-                raise DataError(f"{cache} is not a scene-token cache; delete it to re-render: {err}") from err
+            arrays, found = load_npz_cache(cache, ("images", "targets"), "a scene-token cache (delete it to re-render)")
+            if found == params:
+                return arrays["images"], arrays["targets"], params["silhouettes"]
     cfg = SceneConfig.from_difficulty(difficulty, image_size=int(image_size))
     jobs = [(params["seed"], split, i, cfg, int(patch)) for i in range(n)]
     if workers > 1 and n >= 16:
@@ -104,7 +99,5 @@ def render_token_split(
     images = np.stack([o[0] for o in out])
     targets = np.stack([o[1] for o in out])
     if cache is not None:
-        buf = io.BytesIO()
-        np.savez(buf, images=images, targets=targets, params=np.array(json.dumps(params, sort_keys=True)))
-        atomic_write_bytes(cache, buf.getvalue())
+        save_npz_cache(cache, params, images=images, targets=targets)
     return images, targets, params["silhouettes"]

@@ -24,10 +24,13 @@ import yaml
 # The generic typed-YAML machinery (YAML 1.2 floats, duplicate keys, typed dataclass building) is shared with
 # pretrain and sweep; ConfigError and parse_yaml stay importable from here.
 from vit_adapter.config.typed import ConfigError, build_dataclass, hints, parse_yaml, read_yaml, suggest
+from vit_adapter.utils.io import plain_data
+from vit_adapter.utils.paths import project_root
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXPERIMENTS_DIR = REPO_ROOT / "experiments"
-ABLATIONS_DIR = REPO_ROOT / "ablations"
+# Profiles and overlays of the project being run (utils.paths: this checkout, else the working directory), so a
+# non-editable install or another clone's editable install still reads the profiles of the tree it is run in.
+EXPERIMENTS_DIR = project_root() / "experiments"
+ABLATIONS_DIR = project_root() / "ablations"
 
 Task = Literal["det", "seg"]
 Preset = Literal[
@@ -223,7 +226,7 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (lists, not tuples) that YAML and JSON can write."""
-        return {f.name: _plain(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)}
+        return {f.name: plain_data(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)}
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
@@ -235,14 +238,6 @@ _DATASETS_FOR_TASK: dict[str, tuple[str, ...]] = {
     "det": ("generated", "coco"),
     "seg": ("generated", "ade20k"),
 }
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
@@ -459,7 +454,7 @@ def dump_config(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config.yaml atomically; returns the path."""
-    from vit_adapter.engine.rundir import atomic_write_text  # local: rundir imports torch lazily anyway
+    from vit_adapter.utils.io import atomic_write_text
 
     return atomic_write_text(path, dump_config(cfg))
 

@@ -15,6 +15,9 @@ items are Fashion-MNIST *test* items, so nothing is shared with training. Runs a
 seed and thread count, unless a ``time_budget_s`` cuts the run short (then the schedule follows wall time; the
 sidecar says so).
 
+The two objectives (what is rendered, the loss, the held-out score) live in ``engine/pretrain_objectives.py``;
+the training loop here is the same for both.
+
 Heavy imports (torch, timm) happen inside functions so that building the CLI parser stays cheap.
 """
 
@@ -27,12 +30,19 @@ import time
 import types
 import typing
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vit_adapter.config.typed import build_dataclass, check_dataclass, describe
+from vit_adapter.engine.pretrain_objectives import NUM_CLASSES, OBJECTIVE_REGISTRY, normalize
+
+# Importable from here as before the objectives got their own module (tests and callers use these names).
+from vit_adapter.engine.pretrain_objectives import classify as classify
+from vit_adapter.engine.pretrain_objectives import evaluate_tokens as evaluate_tokens
+from vit_adapter.engine.pretrain_objectives import flip_tokens as flip_tokens
+from vit_adapter.engine.pretrain_objectives import token_hits as token_hits
+from vit_adapter.engine.pretrain_objectives import token_loss as token_loss
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NUM_CLASSES = 10
 N_TRAIN_MAX = 60_000  # Fashion-MNIST training items
 N_VAL_MAX = 10_000  # Fashion-MNIST test items (our held-out 'val' split)
 HEAD_SUFFIX = ".head.safetensors"
@@ -114,7 +123,7 @@ DEFAULT_STEPS = 2000
 # Pretraining resolution when image_size is None: tuned for the CPU preset (3x3 tokens; docs/pretraining.md).
 TUNED_IMAGE_SIZE = {"vit_cpu": 48, "vit_adapter_cpu": 48}
 SCENE_IMAGE_SIZE = 128  # scene_tokens default: the downstream CPU profile's image size
-OBJECTIVES = ("classify", "scene_tokens")
+OBJECTIVES = tuple(OBJECTIVE_REGISTRY)
 AUGMENTS = ("crop_flip", "flip", "none")
 POS_INITS = ("normal", "sincos")
 
@@ -200,7 +209,7 @@ def validate(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: render once into uint8 memory; augment whole batches.
+# Data: augment whole batches (each objective renders its images once into uint8 memory).
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -208,59 +217,6 @@ def head_path(out: str | Path) -> Path:
     """Where the classification head of the weights file ``out`` is stored."""
     out = Path(out)
     return out.with_name(out.name.removesuffix(".safetensors") + HEAD_SUFFIX)
-
-
-def render_split(
-    split: str,
-    image_size: int,
-    n: int,
-    data_seed: int,
-    item_scale: tuple[float, float],
-    cache_dir: str | None,
-    placement: str = "centre",
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(images uint8 (N, 3, S, S), labels int64 (N,), silhouette source) of one split, via an npz cache if given.
-
-    Rendering (~2-4 ms an image) is done once; training then reads from memory, so every epoch costs only the
-    model. The cache holds exactly what a fresh render produces (the generator is deterministic).
-    """
-    import numpy as np
-    import torch
-
-    from vit_adapter.data._io import DataError
-    from vit_adapter.data.pretrain import RENDER_VERSION, TexturedFashionMNIST
-
-    ds = None
-    cache = None
-    if cache_dir is not None:
-        tag = f"{item_scale[0]:g}-{item_scale[1]:g}" + ("" if placement == "centre" else f"_{placement}")
-        name = f"tfmnist_v{RENDER_VERSION}_{split}_{image_size}px_n{n}_seed{data_seed}_scale{tag}.npz"
-        cache = Path(cache_dir) / name
-        if cache.is_file():
-            try:
-                ds = TexturedFashionMNIST.from_npz(cache)
-            except DataError as err:  # stale or damaged cache: render afresh and replace it
-                log.warning("re-rendering %s: %s", cache, err)
-    if ds is None:
-        ds = TexturedFashionMNIST(
-            split, image_size=image_size, n=n, seed=data_seed, item_scale=item_scale, placement=placement
-        )
-        if cache is not None:
-            ds.save_npz(cache)  # renders every image once, atomically written
-    x = torch.from_numpy(np.ascontiguousarray(ds.images())).permute(0, 3, 1, 2).contiguous()
-    y = torch.tensor(np.array(ds.labels[:n]), dtype=torch.int64)  # a copy: the npz arrays are read-only
-    return x, y, ds.source
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 or [0, 255] float (B, 3, S, S) -> ImageNet-normalised float, exactly as the dataset does it."""
-    import torch
-
-    from vit_adapter.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / 255.0
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) / 255.0
-    return (x.float() / 255.0 - mean) / std
 
 
 def batch_augment(
@@ -325,93 +281,6 @@ def init_sincos_pos_embed(vit: PlainViT) -> None:
     pe = build_sincos2d_pos_embed(list(vit.pretrain_grid), vit.embed_dim)
     with torch.no_grad():
         vit.pos_embed.copy_(pe.reshape(vit.pos_embed.shape))
-
-
-def classify(vit: PlainViT, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits of normalised images: the ViT has no class token, so its tokens are mean-pooled."""
-    return head(vit(x).mean(dim=1))
-
-
-def _held_out_score(
-    vit: PlainViT,
-    head: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    hits: Callable[[torch.Tensor, torch.Tensor], tuple[int, int]],
-    batch_size: int,
-) -> float:
-    """Sum ``hits(images batch, targets batch) -> (correct, counted)`` over uint8 images (N, 3, S, S) in eval
-    mode without gradients; the modules' train/eval state is restored afterwards."""
-    import torch
-
-    was = vit.training, head.training
-    vit.eval()
-    head.eval()
-    correct = counted = 0
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            c, n = hits(normalize(images[i : i + batch_size]), targets[i : i + batch_size])
-            correct, counted = correct + c, counted + n
-    vit.train(was[0])
-    head.train(was[1])
-    return correct / max(counted, 1)
-
-
-def evaluate_top1(
-    vit: PlainViT, head: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250
-) -> float:
-    """Top-1 accuracy of (vit, head) on uint8 images (N, 3, S, S), in eval mode, without gradients."""
-
-    def hits(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
-        return int((classify(vit, head, x).argmax(dim=1) == y).sum()), len(y)
-
-    return _held_out_score(vit, head, images, labels, hits, batch_size)
-
-
-def token_logits(vit: PlainViT, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, T, C) per-token logits of normalised images (the scene_tokens objective)."""
-    return head(vit(x))
-
-
-def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Objectness + class loss of each token against its patch's class histogram ``targets`` (B, T, C).
-
-    Channel 0 of ``logits`` is an objectness logit, trained with binary cross-entropy towards the patch's object
-    share; channels 1.. are class logits, trained with soft cross-entropy towards the patch's class mix among its
-    object pixels, each token weighted by its object share. Why factorised: with ~87 % background pixels a single
-    softmax spreads the object mass over 10 classes and background wins every argmax (the 11-class pilots stayed
-    at that prior); detection heads separate "is there an object" from "which class" for the same reason.
-    """
-    import torch.nn.functional as F
-
-    fg = 1.0 - targets[..., 0]
-    objectness = F.binary_cross_entropy_with_logits(logits[..., 0], fg)
-    mix = targets[..., 1:] / fg.clamp(min=1e-6).unsqueeze(-1)
-    ce = -(mix * logits[..., 1:].log_softmax(dim=-1)).sum(dim=-1)
-    return objectness + (fg * ce).sum() / fg.sum().clamp(min=1e-6)
-
-
-def token_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
-    """(correct, counted) over the tokens whose majority class is an object: their class argmax (channels 1..)
-    against the patch's most frequent object class."""
-    obj = targets.argmax(dim=-1) > 0
-    right = logits[..., 1:].argmax(dim=-1) == targets[..., 1:].argmax(dim=-1)
-    return int((right & obj).sum()), int(obj.sum())
-
-
-def flip_tokens(targets: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Per-token targets (B, T, C) of horizontally flipped images (T = grid[0] * grid[1], row-major)."""
-    b, t, c = targets.shape
-    return targets.view(b, grid[0], grid[1], c).flip(2).reshape(b, t, c)
-
-
-def evaluate_tokens(
-    vit: PlainViT, head: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 250
-) -> float:
-    """Held-out token top-1 over object-majority tokens, in eval mode, without gradients."""
-    return _held_out_score(
-        vit, head, images, targets, lambda x, y: token_hits(token_logits(vit, head, x), y), batch_size
-    )
 
 
 def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
@@ -510,45 +379,19 @@ def run(cfg: PretrainConfig, out: str | Path) -> dict[str, Any]:
 
 
 def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
-    import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    from vit_adapter.data.pretrain import RENDER_VERSION
-    from vit_adapter.engine.rundir import atomic_write_json, run_metadata
+    from vit_adapter.engine.rundir import run_metadata
     from vit_adapter.engine.weights import _save_safetensors, sha256_file, sidecar_path
     from vit_adapter.models.vit import PlainViT
+    from vit_adapter.utils.io import atomic_write_json, plain_data
 
     timer = _Timer()
     cpu0 = time.process_time()
     size = vkw["pretrain_size"]
-    scenes = cfg.objective == "scene_tokens"
-    if scenes:
-        from vit_adapter.data.scene_tokens import NUM_CLASSES as SCENE_CLASSES
-        from vit_adapter.data.scene_tokens import SEED_OFFSET, TOKENS_VERSION, render_token_split
-
-        def load(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-            images, targets, src = render_token_split(
-                split,
-                n=n,
-                image_size=size,
-                data_seed=cfg.data_seed,
-                patch=vkw.get("patch_size", 16),
-                difficulty=cfg.scene_difficulty,
-                workers=cfg.render_workers,
-                cache_dir=cfg.cache_dir,
-            )
-            x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
-            return x, torch.from_numpy(np.array(targets)), src
-
-        x_train, y_train, source = load("train", cfg.n_train)
-        x_val, y_val, _ = load("val", cfg.n_val)
-        num_classes = SCENE_CLASSES
-    else:
-        split_args = (size, cfg.n_train, cfg.data_seed, cfg.item_scale, cfg.cache_dir, cfg.placement)
-        x_train, y_train, source = render_split("train", *split_args)
-        x_val, y_val, _ = render_split("val", size, cfg.n_val, *split_args[2:])
-        num_classes = NUM_CLASSES
+    objective = OBJECTIVE_REGISTRY[cfg.objective](cfg, vkw)
+    x_train, y_train, source = objective.load("train", cfg.n_train)
+    x_val, y_val, _ = objective.load("val", cfg.n_val)
     render_s = timer.elapsed()
     log.info("rendered %d train + %d val images at %d px in %.1f s", cfg.n_train, cfg.n_val, size, render_s)
 
@@ -563,7 +406,7 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
         init_sha256 = sha256_file(cfg.init_from)
     elif cfg.pos_init == "sincos":
         init_sincos_pos_embed(vit)
-    head = build_head(vkw["embed_dim"], num_classes)
+    head = build_head(vkw["embed_dim"], objective.num_classes)
     vit.train()
     head.train()
     opt = torch.optim.AdamW(_param_groups([vit, head], cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
@@ -605,19 +448,11 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
         if cfg.augment == "flip":
             flip = torch.rand(len(idx), generator=gen) < 0.5
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-            if scenes:
-                yb = torch.where(flip[:, None, None], flip_tokens(yb, vit.pretrain_grid), yb)
+            yb = objective.flip_targets(yb, flip, vit.pretrain_grid)
         if cfg.invert_prob > 0:  # drawn only when used, so runs without it keep their random stream
             inv = torch.rand(len(idx), generator=gen) < cfg.invert_prob
             xb = torch.where(inv[:, None, None, None], 255.0 - xb, xb)
-        if scenes:
-            logits = token_logits(vit, head, normalize(xb))
-            loss = token_loss(logits, yb)
-            hits, counted = token_hits(logits.detach(), yb)
-        else:
-            logits = classify(vit, head, normalize(xb))
-            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-            hits, counted = int((logits.argmax(1) == yb).sum()), len(yb)
+        loss, hits, counted = objective.loss_and_hits(vit, head, normalize(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -643,10 +478,7 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
     train_s = time.perf_counter() - t_train
 
     t_eval = time.perf_counter()
-    if scenes:
-        top1 = evaluate_tokens(vit, head, x_val, y_val, cfg.eval_batch_size)
-    else:
-        top1 = evaluate_top1(vit, head, x_val, y_val, cfg.eval_batch_size)
+    top1 = objective.evaluate(vit, head, x_val, y_val, cfg.eval_batch_size)
     eval_s = time.perf_counter() - t_eval
 
     _save_safetensors(vit.state_dict(), out)
@@ -658,15 +490,10 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
         "preset": cfg.preset,
         "image_size": size,
         "top1": top1,
-        "top1_split": (
-            f"val: object-majority tokens of {cfg.n_val} scenes of Fashion-MNIST test items (seed "
-            f"{cfg.data_seed + SEED_OFFSET}, held out)"
-            if scenes
-            else f"val (Fashion-MNIST test items 0..{cfg.n_val - 1}, held out)"
-        ),
+        "top1_split": objective.describe_val(),
         "objective": cfg.objective,
         "init_sha256": init_sha256,
-        "num_classes": num_classes,
+        "num_classes": objective.num_classes,
         "steps": step,
         "planned_steps": total,
         "epochs_seen": round(step * bs / n, 3),
@@ -676,10 +503,10 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
         "timings_s": {"render": round(render_s, 1), "train": round(train_s, 1), "eval": round(eval_s, 1)},
         "seed": cfg.seed,
         "threads": torch.get_num_threads(),
-        "config": _jsonable(asdict(cfg)),
+        "config": plain_data(asdict(cfg)),
         "vit_kwargs": vkw,
         "silhouettes": source,
-        "render_version": TOKENS_VERSION if scenes else RENDER_VERSION,
+        "render_version": objective.render_version,
         "n_params_vit": int(sum(p.numel() for p in vit.parameters())),
         "output_sha256": sha256_file(out),
         "head_file": hpath.name,
@@ -690,14 +517,6 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
     atomic_write_json(sidecar_path(out), result)
     log.info("pretrain done: top1 %.4f after %d steps in %.0f s -> %s", top1, step, seconds, out)
     return result
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def load_pretrained(out: str | Path) -> tuple[PlainViT, nn.Module, dict[str, Any]]:

@@ -28,18 +28,20 @@ from datetime import datetime, timezone
 from functools import wraps
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vit_adapter.utils.io import TEMP_NAME_RE, atomic_open, atomic_write_text
-from vit_adapter.utils.io import atomic_write_bytes as atomic_write_bytes  # re-exported: callers import it here
-from vit_adapter.utils.io import atomic_write_json as atomic_write_json  # re-exported: callers import it here
 from vit_adapter.utils.paths import project_root
 
 REPO_ROOT = project_root()
 PARTIAL_SUFFIX = ".partial"
 IDENTITY_FILE = "RUN_IDENTITY"  # holds the config hash inside the work dir
+METRICS_FILE = "metrics.json"  # a run's final metrics; in `out` (reached only through finalize): finished
 MARKER_FILE = "VIT_ADAPTER_RUN"  # "this directory is a run this tool wrote": the only kind it ever deletes
 _CKPT_RE = re.compile(r"^iter_(\d+)\.pt$")
+
+
+RunStatus = Literal["finished", "partial", "damaged", "absent"]
 
 
 class RunDirError(RuntimeError):
@@ -207,6 +209,28 @@ class RunDir:
             raise ValueError(f"keep must be >= 1, got {keep}")
         for _, p in self.checkpoints()[:-keep]:
             p.unlink(missing_ok=True)
+
+    def status(self) -> RunStatus:
+        """'finished' when `out` holds metrics.json (files reach `out` only through finalize), else 'partial'
+        when the work dir exists (resumable), else 'damaged' when `out` exists without metrics, else 'absent'."""
+        if (self.out / METRICS_FILE).is_file():
+            return "finished"
+        if self.work.exists():
+            return "partial"
+        return "damaged" if os.path.lexists(self.out) else "absent"
+
+    def work_identity(self) -> str | None:
+        """The identity the work dir was opened for (a resume needs the same one); None without a work dir."""
+        try:
+            return (self.work / IDENTITY_FILE).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+
+    def discard(self, *, finished: bool = True) -> None:
+        """Delete the work dir, and with `finished` the finished run too (a stale or pruned run is retrained)."""
+        shutil.rmtree(self.work, ignore_errors=True)
+        if finished:
+            shutil.rmtree(self.out, ignore_errors=True)
 
     def release(self) -> None:
         """Give up the one-writer lock (idempotent); the trainer calls it however the run ended."""

@@ -38,14 +38,15 @@ from tqdm import tqdm
 
 from ..metrics import CocoMetric, SegMetric
 from ..models.ops import resolve_backend
+from ..utils.io import atomic_write_json
 from .build import backbone_of, build_datasets, build_model, load_pretrained
 from .config import EXECUTION_KEYS, Config, config_hash, save_config
 from .identity import run_identity
 from .optim import build_optimizer, build_scheduler
 from .rundir import (
+    METRICS_FILE,
     RunDir,
     atomic_torch_save,
-    atomic_write_json,
     open_run_dir,
     releases_run_locks,
     run_metadata,
@@ -808,7 +809,7 @@ def train(
         final = {"final": {k: v for k, v in history[-1].items() if k != "iter"} if history else {}, "history": history}
         if run is not None:
             final["iterations"] = cfg.train.max_iters
-            atomic_write_json(run.path("metrics.json"), final)
+            atomic_write_json(run.path(METRICS_FILE), final)
             n_params = backbone.param_breakdown()
             total = sum(p.numel() for p in model.parameters())
             costs = {

@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ..engine.rundir import atomic_write_json
+from ..utils.io import atomic_write_json
 from .locks import WorkerLocks
 from .objective import ExactTrialBudget, _may_start_trial, _objective, _references_doc, run_reference
 from .outputs import write_outputs

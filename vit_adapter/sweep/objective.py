@@ -19,7 +19,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..engine.config import Config
-from ..engine.rundir import atomic_write_text
+from ..engine.rundir import METRICS_FILE, RunDir
+from ..utils.io import atomic_write_text
 from .locks import FileLock, WorkerLocks, _trial_lock_path
 from .plan import Plan
 from .settings import FAILURE_ATTR, GAMMA, KILL_ENV, RATIO, REFERENCE_POINTS, TrialFailed
@@ -29,11 +30,11 @@ log = logging.getLogger(__package__)  # "vit_adapter.sweep", as before the split
 
 
 def _finished(run: Path) -> bool:
-    return (run / "metrics.json").is_file()
+    return RunDir(run).status() == "finished"
 
 
 def _discard_partial(run: Path) -> None:
-    shutil.rmtree(run.with_name(run.name + ".partial"), ignore_errors=True)
+    RunDir(run).discard(finished=False)
 
 
 def _identity_marker(run: Path) -> Path:
@@ -48,10 +49,9 @@ def _forget_if_stale(run: Path, identity: str) -> None:
     found = marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
     if found == identity:
         return
-    if run.exists() or run.with_name(run.name + ".partial").exists():
+    if RunDir(run).status() != "absent":
         log.warning("%s was trained for other inputs (identity %s, now %s); training it again", run, found, identity)
-        shutil.rmtree(run, ignore_errors=True)
-        _discard_partial(run)
+        RunDir(run).discard()
     atomic_write_text(marker, identity + "\n")
 
 
@@ -71,7 +71,7 @@ def train_or_load(
     if identity is not None:
         _forget_if_stale(run, identity)
     if _finished(run):
-        result = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+        result = json.loads((run / METRICS_FILE).read_text(encoding="utf-8"))
         if after_eval is not None:  # replay the evaluations, so a retried trial reports the same steps
             for row in result.get("history", []):
                 after_eval(row["iter"], row)
@@ -105,7 +105,7 @@ def run_reference(plan: Plan, name: str, seed: int, *, blocking: bool) -> dict[s
     cfg = plan.config(seed, REFERENCE_POINTS[name])
     identity = plan.run_identity(cfg)
     if _finished_as(run, identity):
-        return json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+        return json.loads((run / METRICS_FILE).read_text(encoding="utf-8"))
     lock = FileLock(plan.study_dir / "locks" / f"reference_{name}_seed{seed}.lock")
     if not lock.acquire(blocking=blocking):
         return None
@@ -132,7 +132,7 @@ def collect_references(plan: Plan, *, run_missing: bool) -> dict[str, Any]:
             result = run_reference(plan, name, seed, blocking=True) if run_missing else None
             run = plan.reference_dir(name) / f"seed_{seed}"
             if result is None and _finished_as(run, plan.run_identity(plan.config(seed, point))):
-                result = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+                result = json.loads((run / METRICS_FILE).read_text(encoding="utf-8"))
             if result is None:
                 per_seed[str(seed)] = None
                 continue

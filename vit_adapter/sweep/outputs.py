@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ..engine.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .plan import Plan, _plan_info, plan_sweep
 from .settings import FAILURE_ATTR, GAMMA, RATIO, SweepError, SweepSettings, redact
 from .storage import open_storage

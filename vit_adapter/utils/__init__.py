@@ -12,6 +12,7 @@ from .io import (
     atomic_write_json,
     atomic_write_text,
     json_bytes,
+    plain_data,
     sha256_bytes,
     sha256_file,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "json_bytes",
+    "plain_data",
     "project_root",
     "sha256_bytes",
     "sha256_file",

@@ -75,6 +75,16 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False) + "\n")
 
 
+def plain_data(value: Any) -> Any:
+    """`value` with tuples turned into lists, recursively: what a YAML/JSON round trip gives back, so a config
+    saved and one built in memory compare (and hash) equal."""
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_data(v) for v in value]
+    return value
+
+
 def json_bytes(obj: Any) -> bytes:
     """Compact deterministic JSON (sorted keys, no spaces, trailing newline): identical inputs, identical bytes."""
     return (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
