@@ -912,10 +912,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def write() -> Path:
-        kwargs = vars(args)
-        kwargs["profile_info"] = _load_mapping(kwargs["profile_info"], "profile info")
-        kwargs["timings"] = _load_mapping(kwargs["timings"], "timings") or None
-        return write_report(**kwargs)
+        return write_report(
+            **{
+                **vars(args),
+                "profile_info": _load_mapping(args.profile_info, "profile info"),
+                "timings": _load_mapping(args.timings, "timings") or None,
+            }
+        )
 
     return run_step(write)
 

@@ -320,10 +320,16 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return res.stdout if res.returncode == 0 else None
 
 
+# What the pipeline itself writes (dvc.yaml outs and dvc.lock): a run in the middle of `dvc repro` always sees
+# these changed, so they would mark every regenerated run "dirty" although its code and configs are committed.
+PIPELINE_OUTPUTS = ("results", "reports", "weights", "data", "dvc.lock")
+
+
 def git_state(repo: Path = REPO_ROOT) -> dict[str, Any]:
-    """Commit hash (None before the first commit / outside git) and whether tracked or new files changed."""
+    """Commit hash (None before the first commit / outside git) and whether tracked or new files other than the
+    pipeline's own outputs (``PIPELINE_OUTPUTS``) differ from it: code, configs, params, tests, docs."""
     commit = _git(["rev-parse", "--verify", "-q", "HEAD"], repo)
-    status = _git(["status", "--porcelain"], repo)
+    status = _git(["status", "--porcelain", "--", ".", *(f":(exclude){p}" for p in PIPELINE_OUTPUTS)], repo)
     return {
         "commit": commit.strip() if commit else None,
         "dirty": None if status is None else bool(status.strip()),
