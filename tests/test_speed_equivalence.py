@@ -7,11 +7,11 @@ reference, rejected changes whose only difference is fp32 rounding order, such a
 BatchNorm amplifies the convolutions' rounding in the stem's parameter gradients.)
 
 The reference path is kept here on purpose: the plain implementations that the optimised code replaced (separate
-Linear layers for offsets and attention logits, per-map transpose copies around the ConvFFN's depthwise conv, the
-unfused injector update, the out-of-place output neck, tokens left in the transposed layout, the NCHW SPM, and the
-per-level grid_sample deformable core instead of the default backend), bound onto a deep copy of the model so both
-paths share every weight. The cores' own equivalence, at their shapes and on the borders, is tested in
-tests/test_ops.py.
+Linear layers for offsets and attention logits and torch.softmax over them, per-map transpose copies around the
+ConvFFN's depthwise conv, the unfused injector update, the out-of-place output neck, tokens left in the transposed
+layout, the NCHW SPM, and the per-level grid_sample deformable core instead of the default backend), bound onto a
+deep copy of the model so both paths share every weight. The cores' own equivalence, at their shapes and on the
+borders, is tested in tests/test_ops.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import copy
 import importlib.util
 import json
 import types
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vit_adapter.models.adapter import ConvFFN, Injector, SpatialPriorModule, ViTAdapter
-from vit_adapter.models.attention import MSDeformAttn
+from vit_adapter.models.attention import MSDeformAttn, _ShortSoftmax
 from vit_adapter.models.factory import create_model
 from vit_adapter.models.ops import ms_deform_attn
 from vit_adapter.models.vit import PlainViT
@@ -244,6 +245,27 @@ def test_convffn_matches_per_map_reference(shapes) -> None:
         results.append([out, xi.grad] + [p.grad for p in mod.parameters()])
     for got, want in zip(*results):
         assert _rel(got, want) <= TOL
+
+
+def test_short_softmax_matches_float64() -> None:
+    """MSDeformAttn's softmax over levels x points (4 and 12 values): forward and gradient against float64, and
+    no overflow on large logits (the row max is subtracted)."""
+    gen = torch.Generator().manual_seed(8)
+    for n in (4, 12):
+        x = torch.randn(3, 50, 6, n, generator=gen) * 4
+        x[0, 0, 0] += 200.0
+        g = torch.randn(x.shape, generator=gen)
+        results = []
+        paths = ((_ShortSoftmax.apply, torch.float32), (partial(torch.softmax, dim=-1), torch.float32))
+        for fn, dtype in (*paths, (partial(torch.softmax, dim=-1), torch.float64)):
+            xi = x.clone().to(dtype).requires_grad_()
+            out = fn(xi)
+            out.backward(g.to(dtype))
+            results.append((out.detach(), xi.grad))
+        (out, grad), (ref_out, ref_grad), (exact_out, exact_grad) = results
+        assert torch.isfinite(out).all()
+        _check_rule(f"softmax {n}", out, ref_out, exact_out)
+        _check_rule(f"softmax grad {n}", grad, ref_grad, exact_grad)
 
 
 # ------------------------------------------------------------------------------------------------------------

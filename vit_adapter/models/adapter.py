@@ -127,17 +127,31 @@ class ConvFFN(nn.Module):
         return self.drop(self.fc2(x))
 
 
-class Injector(nn.Module):
-    """x ← x + γ ⊙ Attn(LN(x), LN(c)) with γ initialised to ``gamma_init`` (0 in the paper, reference §1.4)."""
+class _NormedCrossAttention(nn.Module):
+    """What the injector and the extractor share: LayerNorms on the query and the feature side, then the
+    cross-attention. Built in this order (``query_norm``, ``feat_norm``, ``attn``), so state-dict keys and the
+    RNG draws of the initialisation are those the two classes had when each built them itself."""
 
     def __init__(
-        self, *, dim: int, n_heads: int, n_points: int, deform_ratio: float, gamma_init: float, attention: str
+        self, *, dim: int, n_levels: int, n_heads: int, n_points: int, deform_ratio: float, attention: str
     ) -> None:
         super().__init__()
         self.query_norm = nn.LayerNorm(dim, eps=1e-6)
         self.feat_norm = nn.LayerNorm(dim, eps=1e-6)
         self.attn = build_cross_attention(
-            attention, dim=dim, n_levels=3, n_heads=n_heads, n_points=n_points, ratio=deform_ratio
+            attention, dim=dim, n_levels=n_levels, n_heads=n_heads, n_points=n_points, ratio=deform_ratio
+        )
+
+
+class Injector(_NormedCrossAttention):
+    """x ← x + γ ⊙ Attn(LN(x), LN(c)) with γ initialised to ``gamma_init`` (0 in the paper, reference §1.4)."""
+
+    def __init__(
+        self, *, dim: int, n_heads: int, n_points: int, deform_ratio: float, gamma_init: float, attention: str
+    ) -> None:
+        # The injector's queries are the ViT tokens and it reads the three prior levels c2/c3/c4.
+        super().__init__(
+            dim=dim, n_levels=3, n_heads=n_heads, n_points=n_points, deform_ratio=deform_ratio, attention=attention
         )
         self.gamma = nn.Parameter(gamma_init * torch.ones(dim))
 
@@ -146,7 +160,7 @@ class Injector(nn.Module):
         return torch.addcmul(x, self.gamma, self.attn(self.query_norm(x), ref, self.feat_norm(c), shapes))
 
 
-class Extractor(nn.Module):
+class Extractor(_NormedCrossAttention):
     """c ← c + Attn(LN(c), LN(x)); then c ← c + DropPath(ConvFFN(LN(c))) when ``with_cffn`` (reference §1.5)."""
 
     def __init__(
@@ -161,11 +175,9 @@ class Extractor(nn.Module):
         cffn_ratio: float,
         drop_path: float,
     ) -> None:
-        super().__init__()
-        self.query_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.feat_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = build_cross_attention(
-            attention, dim=dim, n_levels=1, n_heads=n_heads, n_points=n_points, ratio=deform_ratio
+        # The extractor's queries are the multi-scale tokens c and it reads the single ViT level.
+        super().__init__(
+            dim=dim, n_levels=1, n_heads=n_heads, n_points=n_points, deform_ratio=deform_ratio, attention=attention
         )
         self.with_cffn = with_cffn
         if with_cffn:
@@ -512,9 +524,15 @@ class ViTAdapter(nn.Module):
             else:
                 maps = [taps[i].transpose(1, 2).reshape(b, d, *grid) for i in self.tap_indices]
             scales = (4.0, 2.0, 1.0, 0.5)
+            # c1 in place, as above: it is this function's own temporary and autograd keeps neither it nor the
+            # upsampled map, so no fresh 3 MiB buffer (first-touch page faults) at the embedded size. c2-c4 are not:
+            # they are views of c (the reshape only splits the token dim) or the priors, and c2 is the transposed
+            # conv's saved input.
             outs = [
-                o + (m if s == 1.0 else F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False))
-                for o, m, s in zip(outs, maps, scales)
+                (o.add_ if i == 0 else o.add)(
+                    m if s == 1.0 else F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False)
+                )
+                for i, (o, m, s) in enumerate(zip(outs, maps, scales))
             ]
         return [norm(o) for norm, o in zip(self.out_norms, outs)]
 
