@@ -24,7 +24,8 @@ from vit_adapter import __version__
 from vit_adapter.cli import main
 from vit_adapter.data import generate_dataset
 from vit_adapter.engine import trainer
-from vit_adapter.engine.rundir import MARKER_FILE, DirLock, lock_path
+from vit_adapter.engine.rundir import MARKER_FILE
+from vit_adapter.utils.locks import DirLock, lock_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -235,7 +236,7 @@ def test_3_out_that_cannot_be_written_is_one_line(tmp_path, data_root, capsys) -
 
 def test_5_second_writer_gets_one_line_naming_the_holder(tmp_path, data_root, capsys) -> None:
     out = tmp_path / "run"
-    code = "from vit_adapter.engine.rundir import DirLock; import sys; "
+    code = "from vit_adapter.utils.locks import DirLock; import sys; "
     code += f"lock = DirLock({str(out)!r}, 'x').acquire(); print('held', flush=True); sys.stdin.read()"
     holder = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO

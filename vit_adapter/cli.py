@@ -311,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .engine.rundir import RunDirError
     from .engine.trainer import StopTraining
+    from .utils.locks import DirectoryInUseError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -324,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     # Bad input and faults the user can fix (ValueError covers ConfigError, DataError, WeightsError,
     # CheckpointError and DivergedError; OSError a full disk, a read-only or non-directory --out): one line.
-    except (ValueError, OSError, KeyError, RunDirError) as err:
+    except (ValueError, OSError, KeyError, RunDirError, DirectoryInUseError) as err:
         print(f"vit-adapter {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
 

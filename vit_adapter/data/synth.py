@@ -23,6 +23,7 @@ from pycocotools import mask as mask_utils
 from skimage import measure
 
 from ..utils.io import json_bytes, sha256_bytes, sha256_file
+from ..utils.locks import DirLock
 from . import render
 from ._io import DataError, load_json, png_bytes
 from .sources import Silhouettes, Texture, load_silhouettes, load_textures, textures_fingerprint
@@ -499,8 +500,6 @@ def generate_dataset(
     params = _params(cfg, seed, n_train, n_val)
     params["difficulty"] = float(difficulty)
     root = Path(root)
-    from ..engine.rundir import DirLock  # local: engine imports data
-
     lock = DirLock(root, f"dataset directory {root}").acquire()
     try:
         return _generate_locked(root, cfg, params, seed, n_train, n_val, overwrite, fmnist_dir, workers, progress)

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from contextlib import suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vit_adapter.utils.io import TEMP_NAME_RE, atomic_open, atomic_write_text
+from vit_adapter.utils.locks import DirectoryInUseError, DirLock
 from vit_adapter.utils.paths import project_root
 
 REPO_ROOT = project_root()
@@ -46,64 +46,6 @@ RunStatus = Literal["finished", "partial", "damaged", "absent"]
 
 class RunDirError(RuntimeError):
     """A run directory cannot be used as asked (finished already, other config, ...)."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One writer per directory: an flock(2) through the `filelock` package. The kernel drops it when the holder
-# dies (even by SIGKILL), so a lock never goes stale; the holder writes its PID into the file so that the
-# second writer can name it.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def lock_path(target: str | Path) -> Path:
-    """The lock file of a run or dataset directory: hidden, beside it (inside it would move on rename)."""
-    target = Path(target)
-    return target.with_name(f".{target.name}.lock")
-
-
-def _write_pid(fd: int) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-
-
-class DirLock:
-    """Exclusive, non-blocking lock of one directory; `acquire` raises RunDirError naming the holder's PID."""
-
-    def __init__(self, target: str | Path, what: str) -> None:
-        self.path = lock_path(target)
-        self.what = what
-        self._lock: Any = None
-
-    def acquire(self) -> DirLock:
-        from filelock import FileLock, Timeout  # local: keep `import vit_adapter.engine.rundir` cheap
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.path, timeout=0, thread_local=False, on_acquired=_write_pid)
-        try:
-            lock.acquire()
-        except Timeout:
-            try:
-                holder = self.path.read_text(encoding="ascii").strip() or "unknown"
-            except OSError:
-                holder = "unknown"
-            raise RunDirError(
-                f"{self.what} is in use by another writer (PID {holder}); wait for it to finish or stop it"
-            ) from None
-        self._lock = lock
-        return self
-
-    def release(self) -> None:
-        """Remove the lock file, then unlock (filelock re-checks the inode, so a waiter never holds a stale one)."""
-        if self._lock is None:
-            return
-        with suppress(OSError):
-            self.path.unlink()
-        self._lock.release()
-        self._lock = None
-
-    @property
-    def held(self) -> bool:
-        return self._lock is not None
 
 
 # The locks open_run_dir took inside a `releases_run_locks` call (per thread/context: a sweep's threads never
@@ -264,7 +206,10 @@ def open_run_dir(out: str | Path, identity: str, *, resume: bool = True, overwri
     The returned RunDir holds the lock until `release()` (or the process ends).
     """
     run = RunDir(Path(out))
-    lock = DirLock(run.out, f"run directory {run.out}").acquire()
+    try:
+        lock = DirLock(run.out, f"run directory {run.out}").acquire()
+    except DirectoryInUseError as err:
+        raise RunDirError(str(err)) from None
     if (acquired := _ACQUIRED.get()) is not None:
         acquired.append(lock)
     try:
