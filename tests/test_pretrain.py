@@ -119,6 +119,8 @@ def test_time_budget_stops_the_run(tmp_path: Path) -> None:
         (dict(steps=2.5), "steps must be int"),
         (dict(colour=True), "unknown pretrain option"),
         (dict(out="w.pth"), r"\.safetensors"),
+        (dict(objective="scene_tokens", augment="crop_flip"), "scene_tokens supports augment none|flip"),
+        (dict(objective="scene_tokens", invert_prob=0.5), "scene_tokens has no photometric inversion"),
     ],
 )
 def test_bad_arguments_raise_clear_value_error(tmp_path: Path, kwargs: dict, match: str) -> None:

@@ -200,11 +200,7 @@ def validate(cfg: PretrainConfig) -> dict[str, Any]:
     _check(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
     _check(0 <= cfg.scene_difficulty <= 1, f"scene_difficulty must be in [0, 1], got {cfg.scene_difficulty}")
     _check(cfg.render_workers >= 1, f"render_workers must be >= 1, got {cfg.render_workers}")
-    if cfg.objective == "scene_tokens":
-        _check(
-            cfg.augment in ("none", "flip"), f"objective scene_tokens supports augment none|flip, got {cfg.augment!r}"
-        )
-        _check(cfg.invert_prob == 0, "objective scene_tokens has no photometric inversion (invert_prob must be 0)")
+    OBJECTIVE_REGISTRY[cfg.objective].check(cfg)
     return vkw
 
 

@@ -189,6 +189,11 @@ class PretrainObjective(ABC):
         self.image_size: int = vit_kwargs["pretrain_size"]
         self.patch_size: int = vit_kwargs.get("patch_size", 16)
 
+    @classmethod
+    def check(cls, cfg: PretrainConfig) -> None:
+        """The objective's own rules on the shared options (ValueError naming the problem); none by default."""
+        return None
+
     @property
     @abstractmethod
     def num_classes(self) -> int:
@@ -264,6 +269,15 @@ class ClassifyObjective(PretrainObjective):
 
 class SceneTokensObjective(PretrainObjective):
     """Per-token class histograms of generated scenes (``token_loss``), scored on object-majority tokens."""
+
+    @classmethod
+    def check(cls, cfg: PretrainConfig) -> None:
+        # The token targets are computed for the uncropped scene; a crop-and-resize would need them recomputed.
+        # Inversion is simply not part of this recipe (docs/pretraining.md).
+        if cfg.augment not in ("none", "flip"):
+            raise ValueError(f"objective scene_tokens supports augment none|flip, got {cfg.augment!r}")
+        if cfg.invert_prob != 0:
+            raise ValueError("objective scene_tokens has no photometric inversion (invert_prob must be 0)")
 
     @property
     def num_classes(self) -> int:
