@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
 
 from ._io import DataError, check_image, load_json, read_image, require_dir
-from .base import EpochDataset
+from .base import EpochDataset, EpochOptions
 from .synth import ADE_DIRS, ADE_ROOT, GENERATOR
-from .transforms import IGNORE_INDEX, Compose, Sample, new_meta, to_normalized_tensor
+from .transforms import IGNORE_INDEX, Compose, Sample, new_meta
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -74,22 +74,19 @@ class ADE20KSegmentation(EpochDataset):
         split: str = "train",
         transforms: Compose | None = None,
         *,
-        seed: int = 0,
-        cache: bool = False,
         reduce_zero_label: bool | None = None,
         num_classes: int | None = None,
         return_meta: bool = False,
-        max_images: int | None = None,
         foreground_only: bool = False,
-        scan: bool = True,
+        **options: Unpack[EpochOptions],
     ) -> None:
-        super().__init__(seed, cache)
+        super().__init__(transforms, **options)
         if split not in ADE_DIRS:
             raise DataError(f"unknown split {split!r}; expected 'train' or 'val'")
         self.base = _find_base(Path(root))
         self.img_dir = require_dir(self.base / "images" / ADE_DIRS[split], "ADE20K image")
         self.ann_dir = require_dir(self.base / "annotations" / ADE_DIRS[split], "ADE20K annotation")
-        self.split, self.transforms, self.return_meta = split, transforms, return_meta
+        self.split, self.return_meta = split, return_meta
         manifest = _generator_manifest(self.base)
         self.generated = manifest is not None
         self.reduce_zero_label = (not self.generated) if reduce_zero_label is None else bool(reduce_zero_label)
@@ -118,9 +115,8 @@ class ADE20KSegmentation(EpochDataset):
             if not ann.is_file():
                 raise DataError(f"image {img} has no annotation {ann}")
             pairs.append((img, ann))
-        self.available = len(pairs)  # before max_images (the caller checks that it asked for no more)
-        self.pairs = pairs[:max_images] if max_images is not None else pairs
-        if scan:
+        self.pairs = self.first_images(pairs)
+        if self.scan_on_init:
             self.scan()
 
     def scan(self) -> None:
@@ -180,13 +176,8 @@ class ADE20KSegmentation(EpochDataset):
         return torch.tensor(self.load_label(index), dtype=torch.long)
 
     def __getitem__(self, index: int):
-        sample = self.cached_raw(index, self.load_raw)
-        if self.transforms is not None:
-            sample = self.transforms(sample, self.rng(index))
-        image = sample["image"]
-        if not isinstance(image, torch.Tensor):
-            image = to_normalized_tensor(image)
+        sample = self.transformed(index)
         target = torch.tensor(sample["seg"], dtype=torch.long)
         if self.return_meta:
-            return image, target, sample["meta"]
-        return image, target
+            return sample["image"], target, sample["meta"]
+        return sample["image"], target

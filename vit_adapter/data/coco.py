@@ -10,7 +10,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
@@ -18,8 +18,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from ._io import DataError, check_image, load_json, read_image, require_dir, require_file
-from .base import EpochDataset
-from .transforms import Compose, Sample, new_meta, to_normalized_tensor
+from .base import EpochDataset, EpochOptions
+from .transforms import Compose, Sample, new_meta
 
 _REQUIRED = {
     "images": ("id", "file_name", "height", "width"),
@@ -89,20 +89,17 @@ class CocoDetection(EpochDataset):
         split: str = "train",
         transforms: Compose | None = None,
         *,
-        seed: int = 0,
-        cache: bool = False,
         filter_empty: bool | None = None,
         min_size: int = 32,
-        max_images: int | None = None,
-        scan: bool = True,
+        **options: Unpack[EpochOptions],
     ) -> None:
-        super().__init__(seed, cache)
+        super().__init__(transforms, **options)
         if split not in ("train", "val"):
             raise DataError(f"unknown split {split!r}; expected 'train' or 'val'")
         self.root = require_dir(Path(root), "COCO root")
         self.ann_file = require_file(self.root / "annotations" / f"instances_{split}2017.json", "COCO annotation")
         self.img_dir = require_dir(self.root / f"{split}2017", "COCO image")
-        self.split, self.transforms = split, transforms
+        self.split = split
         self.coco = load_coco(self.ann_file)
         self.cat_ids = sorted(self.coco.getCatIds())
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
@@ -112,13 +109,12 @@ class CocoDetection(EpochDataset):
         ids = sorted(self.coco.imgs)
         if filter_empty if filter_empty is not None else split == "train":
             ids = [i for i in ids if self._usable(i, min_size)]
-        self.available = len(ids)  # usable images before max_images (the caller checks it asked for no more)
-        self.ids = ids[:max_images] if max_images is not None else ids
+        self.ids = self.first_images(ids)  # of the usable ones
         for image_id in self.ids:  # fail now, naming the file, rather than mid-epoch
             path = self.img_dir / self.coco.imgs[image_id]["file_name"]
             if not path.is_file():
                 raise DataError(f"{self.ann_file} refers to missing image {path}")
-        if scan:
+        if self.scan_on_init:
             self.scan()
 
     def scan(self) -> None:
@@ -170,12 +166,7 @@ class CocoDetection(EpochDataset):
         }
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        sample = self.cached_raw(index, self.load_raw)
-        if self.transforms is not None:
-            sample = self.transforms(sample, self.rng(index))
-        image = sample["image"]
-        if not isinstance(image, torch.Tensor):
-            image = to_normalized_tensor(image)
+        sample = self.transformed(index)
         target = {
             # torch.tensor copies: cached arrays are read-only and must not be shared with the training loop.
             "boxes": torch.tensor(sample["boxes"], dtype=torch.float32).reshape(-1, 4),
@@ -184,7 +175,7 @@ class CocoDetection(EpochDataset):
             "image_id": int(self.ids[index]),
             "meta": sample["meta"],
         }
-        return image, target
+        return sample["image"], target
 
 
 def _box_mask(x: float, y: float, bw: float, bh: float, h: int, w: int) -> np.ndarray:
