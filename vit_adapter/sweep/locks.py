@@ -1,11 +1,9 @@
-"""The sweep's locks: flock(2) files under the study directory (trial liveness, the journal's turnstile,
-reference points) and a PostgreSQL advisory lock (the turnstile across machines)."""
+"""The sweep's locks: flock(2) files under the study directory, through the `filelock` package (trial liveness,
+the journal's turnstile, reference points), and a PostgreSQL advisory lock (the turnstile across machines)."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,35 +12,40 @@ from .plan import Plan
 
 
 class FileLock:
-    """flock(2) on a file. The kernel releases it when the holder dies, even by SIGKILL, which makes a free
-    lock a liveness probe for the trial it guards. Local file systems only (not NFS)."""
+    """flock(2) on a file, through the `filelock` package (as `utils.locks.DirLock`). The kernel releases it when
+    the holder dies, even by SIGKILL, which makes a free lock a liveness probe for the trial it guards. Local file
+    systems only: where flock is missing (some NFS mounts) `filelock` falls back to a marker file, which a dead
+    holder leaves behind.
+
+    A second instance on the same path in the same process conflicts like another process would (a non-blocking
+    probe of a trial this process runs fails); a blocking acquire of it from the same thread raises RuntimeError
+    (`filelock`'s deadlock check) instead of hanging."""
 
     def __init__(self, path: Path) -> None:
+        from filelock import UnixFileLock  # local: keep importing the sweep package cheap
+
         self.path = path
-        self._fd: int | None = None
+        self._lock = UnixFileLock(path, thread_local=False)
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._lock.is_locked
 
     def acquire(self, blocking: bool = True) -> bool:
-        if self._fd is not None:
+        from filelock import Timeout
+
+        if self.held:
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
+            self._lock.acquire(timeout=-1 if blocking else 0)
+        except Timeout:
             return False
-        self._fd = fd
         return True
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self.held:
+            self._lock.release()
 
     def close(self) -> None:
         self.release()
