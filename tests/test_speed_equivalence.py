@@ -299,6 +299,9 @@ def test_overhead_bench_embedded_row_and_compare_ref(capsys, tmp_path: Path) -> 
     overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(overhead)
     factory_before = sys.modules["vit_adapter.models.factory"]
+    from torchvision.models.detection import roi_heads
+
+    fastrcnn_loss_before = roi_heads.fastrcnn_loss  # this checkout's wrapper (vit_adapter.models.heads)
     argv = ["--models", "vit_adapter_t", "--res", "64", "--repeats", "1", "--warmup", "0", "--threads", "1"]
     assert overhead.main([*argv, "--json", "--embedded", "--compare-ref", "HEAD"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -310,6 +313,8 @@ def test_overhead_bench_embedded_row_and_compare_ref(capsys, tmp_path: Path) -> 
         assert abs(row["adapter_speedup_vs_ref"] - row["ref_adapter_ms"] / row["adapter_ms"]) < 0.01
     # This checkout's modules are back in place and the temporary worktree is gone.
     assert sys.modules["vit_adapter.models.factory"] is factory_before
+    # ...and so is this checkout's patch of torchvision, which the other checkout's import had replaced by its own.
+    assert roi_heads.fastrcnn_loss is fastrcnn_loss_before
     worktrees = subprocess.run(["git", "-C", str(root), "worktree", "list"], capture_output=True, text=True).stdout
     assert "vit_adapter_compare_" not in worktrees
     assert "| embedded@128 |" in overhead.markdown_table({"embedded@128": embedded})
