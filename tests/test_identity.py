@@ -30,24 +30,44 @@ def _fresh_digest(scope: str, root: Path) -> str:
     return identity.code_digest(scope, root)
 
 
-def test_code_digest_follows_every_source_byte_of_its_scope(tmp_path: Path) -> None:
+def test_code_digest_follows_the_code_meaning_not_its_bytes(tmp_path: Path) -> None:
     pkg = tmp_path / "vit_adapter"
     shutil.copytree(PKG, pkg, ignore=shutil.ignore_patterns("__pycache__"))
     before = {s: _fresh_digest(s, pkg) for s in identity.CODE_SCOPES}
-    # a comment in the trainer changes what computes a run: both scopes move
-    trainer = pkg / "engine" / "trainer.py"
-    trainer.write_text(trainer.read_text() + "\n# edited\n")
+    trainer = pkg / "engine" / "identity.py"
+    source = trainer.read_text()
+    # comments, docstrings and layout are not what a run computes: no identity moves
+    edited = source.replace('"""Content identity:', '"""Edited docstring. Content identity:', 1)
+    edited = edited.replace("\nimport ast\n", "\n# a comment\nimport ast  # another\n\n\n", 1)
+    edited = edited.replace("def _files(root: Path, ", "def _files(\n    root: Path,\n    ", 1)
+    assert edited != source
+    trainer.write_text(edited + "\n# trailing comment\n")
+    assert {s: _fresh_digest(s, pkg) for s in identity.CODE_SCOPES} == before
+    # any change to executed code moves both scopes: a constant, a name, a default
+    for old, new in (
+        ("CONTENT_LIMIT_BYTES = 512 * 2**20", "CONTENT_LIMIT_BYTES = 511 * 2**20"),
+        ("def _files(", "def _files_renamed("),
+        ('scope: str = "run", root', 'scope: str = "sweep", root'),
+    ):
+        assert old in edited, old
+        trainer.write_text(edited.replace(old, new, 1))
+        after = {s: _fresh_digest(s, pkg) for s in identity.CODE_SCOPES}
+        assert all(after[s] != before[s] for s in identity.CODE_SCOPES), old
+    trainer.write_text(source.replace("CONTENT_LIMIT_BYTES = 512 * 2**20", "CONTENT_LIMIT_BYTES = 511 * 2**20"))
     after = {s: _fresh_digest(s, pkg) for s in identity.CODE_SCOPES}
-    assert all(after[s] != before[s] for s in identity.CODE_SCOPES)
     # the report code reads results only: no run or sweep identity moves
     rep = pkg / "analysis" / "report.py"
-    rep.write_text(rep.read_text() + "\n# edited\n")
+    rep.write_text(rep.read_text() + "\nEDITED = 1\n")
     assert {s: _fresh_digest(s, pkg) for s in identity.CODE_SCOPES} == after
     # the sweep driver is in the sweep's scope, not in a run's
     sweep = next(p for p in (pkg / "sweep.py", pkg / "sweep" / "__init__.py") if p.is_file())
-    sweep.write_text(sweep.read_text() + "\n# edited\n")
+    sweep.write_text(sweep.read_text() + "\nEDITED = 1\n")
     assert _fresh_digest("run", pkg) == after["run"]
     assert _fresh_digest("sweep", pkg) != after["sweep"]
+    # other sources (a kernel's C++) count by their bytes
+    cpp = next(pkg.rglob("*.cpp"))
+    cpp.write_text(cpp.read_text() + "\n// edited\n")
+    assert _fresh_digest("run", pkg) != after["run"]
     with pytest.raises(ValueError, match="unknown code scope"):
         identity.code_files("nope", pkg)
 

@@ -249,6 +249,26 @@ def test_a_new_ablation_needs_no_code(micro_repo: Path) -> None:
     assert "`model.with_cffn`" in report and f"({NEW_ABLATION})" in report  # Method: the setting it changes
 
 
+def test_a_comment_edit_reruns_stages_that_reuse_every_output(micro_repo: Path) -> None:
+    """Run identity follows the code's meaning: after comment, docstring and layout edits DVC reruns the stages
+    (their dependency bytes changed), and they keep every run, both pretrained weights and the data as they
+    were: nothing trains, nothing is rewritten."""
+    outputs = sorted((micro_repo / "results/runs").glob("*/s0/run.json"))
+    outputs += sorted((micro_repo / "weights").glob("vit_micro*.safetensors*"))
+    outputs += [micro_repo / "data/generated/manifest.json"]
+    before = {p: p.read_bytes() for p in outputs}
+    for rel in ("vit_adapter/engine/trainer.py", "vit_adapter/models/adapter.py", "vit_adapter/data/synth.py"):
+        path = micro_repo / rel
+        text = path.read_text()
+        path.write_text("# An edited comment.\n" + text.replace('"""', '"""Edited. ', 1) + "\n\n# trailing\n")
+    proc = _dvc(micro_repo, "repro")
+    assert "Running stage 'train@full'" in proc.stdout and "Running stage 'weights'" in proc.stdout
+    assert "reused weights/vit_micro.safetensors" in proc.stdout
+    assert "reused weights/vit_micro_items.safetensors" in proc.stdout
+    assert {p: p.read_bytes() for p in outputs} == before, "an edit that changes no computation retrained"
+    assert "up to date" in _dvc(micro_repo, "status").stdout
+
+
 def _weights_sha(repo: Path) -> str:
     return json.loads((repo / "weights/vit_micro.safetensors.json").read_text())["output_sha256"]
 

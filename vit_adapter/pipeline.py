@@ -12,6 +12,7 @@ training stages declare their outputs ``persist: true``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -27,9 +28,9 @@ from typing import Any
 import yaml
 
 from .engine.config import Config, load_config, save_config
-from .engine.identity import run_identity
+from .engine.identity import code_digest, identity_of, run_identity
 from .engine.rundir import RunDir
-from .utils.io import atomic_path, atomic_write_json
+from .utils.io import atomic_path, atomic_write_json, sha256_file
 from .utils.paths import project_root
 
 REPO = project_root()
@@ -132,8 +133,6 @@ def step_weights(params: dict[str, Any]) -> int:
                 with atomic_path(dst) as tmp:
                     shutil.copyfile(src, tmp)
         return 0
-    from .engine.pretrain import pretrain
-
     first = p.pop("first", None)
     if first is not None:
         # Two phases (docs/pretraining.md §7): the `first` settings pretrain the ViT that `init_from` names, and
@@ -141,12 +140,46 @@ def step_weights(params: dict[str, Any]) -> int:
         if not p.get("init_from"):
             raise ValueError("params.yaml pretrain.first needs pretrain.init_from: the file the first phase writes")
         init = REPO / p["init_from"]
-        head = pretrain(out=init, **{"preset": p.get("preset", "vit_cpu"), **first})
+        head = _pretrain_or_reuse(init, {"preset": p.get("preset", "vit_cpu"), **first})
         print(json.dumps({"first_phase": {k: head.get(k) for k in ("objective", "top1", "steps", "seconds")}}))
         p["init_from"] = os.path.relpath(init)  # relative (to the repo root, where DVC runs): the sidecar is committed
-    result = pretrain(out=out, **p)
+    result = _pretrain_or_reuse(out, p)
     print(json.dumps({k: result.get(k) for k in ("top1", "steps", "seconds")}))
     return 0
+
+
+def pretraining_identity(settings: dict[str, Any]) -> str:
+    """What determines a pretraining output: its settings, the code's meaning (scope "run": pretraining shares
+    the models, data and engine with training) and the bytes of the ViT it starts from."""
+    init = settings.get("init_from")
+    inputs = {"code": code_digest("run"), "init_from": sha256_file(REPO / init) if init else None}
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return identity_of(hashlib.sha256(blob.encode("utf-8")).hexdigest(), inputs)
+
+
+def _pretrain_or_reuse(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Pretrain into `out`, or keep it when its sidecar records the same identity and its bytes still match:
+    a stage that DVC reruns after an edit that changes nothing pretraining computes returns in seconds."""
+    from .engine.pretrain import pretrain
+    from .engine.weights import sidecar_path
+
+    identity = pretraining_identity(settings)
+    side = sidecar_path(out)
+    try:
+        recorded = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if (
+        isinstance(recorded, dict)
+        and recorded.get("identity") == identity
+        and out.is_file()
+        and recorded.get("output_sha256") == sha256_file(out)
+    ):
+        print(f"reused {os.path.relpath(out, REPO)}: same settings, code and inputs")
+        return recorded
+    result = {**pretrain(out=out, **settings), "identity": identity}
+    atomic_write_json(side, result)
+    return result
 
 
 def _finished_identity(out: Path) -> str | None:

@@ -8,7 +8,10 @@ A run (and a sweep study) is reused only when its *identity* is unchanged. The i
   the annotation/manifest files' bytes plus every other file's name and size),
 - a digest of the package code that computes it (every source file under ``vit_adapter/`` except those that
   only read results or parse command lines: ``analysis/``, the sweep driver, ``cli.py``; a sweep study adds the
-  sweep driver back, see ``CODE_SCOPES``).
+  sweep driver back, see ``CODE_SCOPES``). Python modules are digested by *meaning*: their syntax tree with
+  docstrings removed (comments and formatting are not in the tree), so editing a comment, a docstring or the
+  layout keeps every identity, while any change to what executes (a statement, a name, a constant, a default,
+  an import) moves it. YAML files are digested as their parsed data; other files (C++ kernel sources) by bytes.
 
 So re-pretraining the weights at the same path, regenerating the data differently, or editing the code makes
 every dependent run (and sweep trial) stale, where a path-based config hash would have kept them.
@@ -16,6 +19,7 @@ every dependent run (and sweep trial) stale, where a path-based config hash woul
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -23,6 +27,8 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from ..utils.io import sha256_file
 
@@ -42,7 +48,8 @@ CODE_SCOPES: dict[str, tuple[str, ...]] = {
     "run": ("analysis", "sweep", "sweep.py", "cli.py"),
     "sweep": ("analysis", "cli.py"),
 }
-IDENTITY_VERSION = 1  # bump when the recipe below changes: old identities must not match new ones
+# Bump when the recipe below changes: old identities must not match new ones. 2: Python by syntax tree.
+IDENTITY_VERSION = 2
 
 
 def _files(root: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
@@ -66,13 +73,45 @@ def code_files(scope: str = "run", root: Path = PACKAGE_ROOT) -> list[Path]:
     return [p for p in _files(root, CODE_SUFFIXES) if p.relative_to(root).parts[0] not in skip]
 
 
-@lru_cache(maxsize=4)
+_DOCSTRING_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """`tree` with every module, class and function docstring removed (a body left empty gets ``pass``)."""
+    for node in ast.walk(tree):
+        if not isinstance(node, _DOCSTRING_OWNERS):
+            continue
+        first = node.body[0] if node.body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def meaning_bytes(path: Path) -> bytes:
+    """What of a source file can change a computation: a Python module's syntax tree without docstrings (no
+    comments, no formatting, no line numbers), a YAML file's parsed data, any other file's bytes. A file that
+    does not parse is taken by its bytes (it fails when imported anyway)."""
+    raw = path.read_bytes()
+    try:
+        if path.suffix == ".py":
+            tree = _without_docstrings(ast.parse(raw, filename=str(path)))
+            return ast.dump(tree, annotate_fields=True, include_attributes=False).encode("utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(raw.decode("utf-8"))
+            return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
+    except (SyntaxError, ValueError, UnicodeDecodeError, yaml.YAMLError):
+        pass
+    return raw
+
+
+@lru_cache(maxsize=8)
 def code_digest(scope: str = "run", root: Path = PACKAGE_ROOT) -> str:
-    """sha256 over (relative path, bytes) of the scope's source files; computed once per process."""
+    """sha256 over (relative path, meaning) of the scope's source files (``meaning_bytes``); computed once per
+    process."""
     digest = hashlib.sha256()
     for path in code_files(scope, root):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(hashlib.sha256(meaning_bytes(path)).digest())
     return digest.hexdigest()
 
 
