@@ -47,7 +47,8 @@ repro: setup
 # Regenerate everything from scratch: the generated data, the pretraining, every run, the sweep, the benches.
 repro-clean: setup
 	rm -rf data/generated weights/vit_cpu_pretrained.safetensors weights/vit_cpu_pretrained.safetensors.json \
-	  results/runs results/sweeps
+	  weights/vit_cpu_pretrained.head.safetensors weights/vit_cpu_items.safetensors \
+	  weights/vit_cpu_items.safetensors.json weights/vit_cpu_items.head.safetensors results/runs results/sweeps
 	@set -o pipefail; PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro --force 2>&1 | grep --line-buffered -v '^Use `dvc push`'
 
 bench: setup
