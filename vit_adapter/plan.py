@@ -146,6 +146,7 @@ def resolve(params: dict[str, Any]) -> dict[str, Any]:
         paper = out.get("paper") or {}
         out["variants"] = paper_rows(out)
         out["seeds"] = list(paper.get("seeds", [0]))
+        out["workers"] = 1  # one run at a time: every run uses all the GPUs the launcher gives it
         wdir = paper.get("weights_dir", "weights/paper")
         pre = out["pretrain"]
         if not str(pre["out"]).startswith(wdir.rstrip("/") + "/"):
