@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -82,8 +81,17 @@ def collation(repeats: int) -> float:
     for _ in range(2):
         img = torch.randn(3, 800, 1333, generator=g)
         boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0]] * 7)
-        target = {"boxes": boxes, "labels": torch.ones(7, dtype=torch.int64), "masks": torch.zeros(7, 800, 1333, dtype=torch.uint8)}
-        target["meta"] = {"img_shape": (800, 1333), "orig_size": (480, 800), "scale_factor": (1.666, 1.666), "flip": False}
+        target = {
+            "boxes": boxes,
+            "labels": torch.ones(7, dtype=torch.int64),
+            "masks": torch.zeros(7, 800, 1333, dtype=torch.uint8),
+        }
+        target["meta"] = {
+            "img_shape": (800, 1333),
+            "orig_size": (480, 800),
+            "scale_factor": (1.666, 1.666),
+            "flip": False,
+        }
         batch.append((img, target))
     return _ms(lambda: collate_detection(batch), repeats)
 
@@ -184,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"sampling": sampling(args.iters), "collation_ms_per_iter": collation(args.repeats)}
     result["host_eval"] = host_eval(args.repeats)
     per_iter = result["sampling"]["schedule_ms_per_iter"] + result["collation_ms_per_iter"]
-    result |= {"train_main_process_ms_per_iter": per_iter, "target_ms": TARGET_MS, "meets_target": per_iter <= TARGET_MS}
+    result |= {
+        "train_main_process_ms_per_iter": per_iter,
+        "target_ms": TARGET_MS,
+        "meets_target": per_iter <= TARGET_MS,
+    }
     result["threads"] = 1
     print(json.dumps(result, indent=2, sort_keys=True))
     if args.out is not None:

@@ -79,7 +79,11 @@ def deform_check(
     errs = [rel(f, e) for f, e in zip(fast, exact)]
     ref_errs = [rel(r, e) for r, e in zip(ref32, exact)]
     names = ("output", "grad_value", "grad_locations", "grad_weights")
-    row: dict[str, Any] = {"check": "deform_cuda_vs_float64", "backend": resolve_backend(device), "first_call_s": seconds}
+    row: dict[str, Any] = {
+        "check": "deform_cuda_vs_float64",
+        "backend": resolve_backend(device),
+        "first_call_s": seconds,
+    }
     row |= {f"max_rel_err_{n}": e for n, e in zip(names, errs)}
     row |= {f"fp32_reference_rel_err_{n}": r for n, r in zip(names, ref_errs)}
     row["meets_float64_rule"] = all(e <= max(1e-5, 1.5 * r) for e, r in zip(errs, ref_errs))

@@ -222,9 +222,7 @@ def format_plan(params: dict[str, Any], runs: list[PlannedRun], rows: list[tuple
     lines += [f"  check {what:14s} {'ok ' if ok else 'BAD'} {detail}" for what, ok, detail in rows]
     lines.append(f"  {'variant':26s} {'seed':>4s} {'GPUs':>4s} {'iters':>8s} {'s/iter':>7s} {'GPU-h':>8s}")
     for r in runs:
-        lines.append(
-            f"  {r.variant:26s} {r.seed:4d} {r.gpus:4d} {r.iters:8d} {r.s_per_iter:7.3f} {r.gpu_hours:8.1f}"
-        )
+        lines.append(f"  {r.variant:26s} {r.seed:4d} {r.gpus:4d} {r.iters:8d} {r.s_per_iter:7.3f} {r.gpu_hours:8.1f}")
     total = sum(r.gpu_hours for r in runs)
     gpus = max((r.gpus for r in runs), default=1)
     wall = total / gpus / max(1, int(params.get("workers", 1)))
