@@ -53,7 +53,7 @@ DET = [
 
 
 def test_every_paper_profile_is_covered() -> None:
-    assert len(PROFILES) == 11 and {p.split("_")[0] for p in PROFILES} == {"coco", "ade20k"}
+    assert len(PROFILES) == 15 and {p.split("_")[0] for p in PROFILES} == {"coco", "ade20k"}
 
 
 @pytest.fixture(scope="module")

@@ -293,7 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="Optuna sweep over the injector's gamma init and the ConvFFN ratio")
     add_sweep_args(p)
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("plan", help="check and price what the DVC pipeline would run (data, weights, GPUs, GPU-hours)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("-S", action="append", metavar="KEY=VALUE", help="params.yaml override, as `dvc exp run -S`")
+    p.add_argument("--smoke", type=Path, default=None, help="a `bench/gpu_smoke.py --out` record: its s/iter")
+    p.set_defaults(func=cmd_plan)
     return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import plan
+
+    text, ok = plan(args.params, args.S or [], smoke=args.smoke)
+    print(text)
+    if not ok:
+        raise ValueError("a check above is BAD: fix it before starting any GPU")
+    return 0
 
 
 def _one_line(err: BaseException) -> str:

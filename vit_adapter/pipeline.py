@@ -122,6 +122,9 @@ def step_weights(params: dict[str, Any]) -> int:
 
         if cfg.weights.init != "pretrained" or not cfg.weights.source:
             raise ValueError(f"profile {profile_name(params)} sets no weights.source to convert into {out}")
+        bad = weights_target_error(params, REPO)
+        if bad:  # checked before anything is fetched or copied: the committed CPU weights stay as they are
+            raise ValueError(bad)
         print(f"weights: {fetch_weights(cfg.weights.source, out, cfg.weights.sha256)}")
         if p.get("init_from"):
             # The stage also declares the offline recipe's first-phase file; for a converted checkpoint the ViT
@@ -182,6 +185,28 @@ def _pretrain_or_reuse(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def weights_target_error(params: dict[str, Any], repo: Path) -> str | None:
+    """Why the weights step of a paper profile must not write where params.yaml says, or None. Converted paper
+    weights go under params.yaml `paper.weights_dir` only, so they can never replace the committed CPU weights
+    (`pretrain.out` / `pretrain.init_from` of the embedded default)."""
+    if load_config(profile_name(params), [], params.get("sets") or []).data.dataset == "generated":
+        return None
+    wdir = (repo / str((params.get("paper") or {}).get("weights_dir", "weights/paper"))).resolve()
+    pre = params["pretrain"]
+    for key in ("out", "init_from"):
+        if not pre.get(key):
+            continue
+        target = (repo / str(pre[key])).resolve()
+        # A path outside the checkout is the user's own location; inside it, only the paper folder is safe.
+        if repo.resolve() in target.parents and wdir not in target.parents:
+            return (
+                f"params.yaml pretrain.{key} = {pre[key]} is outside {wdir.relative_to(repo.resolve())}/: the paper "
+                f"weights would replace another file; pass -S pretrain.{key}={wdir.relative_to(repo.resolve())}/"
+                f"{Path(str(pre[key])).name} (`vit-adapter plan` prints the whole command)"
+            )
+    return None
+
+
 def _finished_identity(out: Path) -> str | None:
     """The identity a finished run directory recorded (None if unfinished or written before identities)."""
     try:
@@ -231,6 +256,12 @@ def train_runs(params: dict[str, Any], jobs: list[tuple[Config, Path]], root: Pa
     """Train the jobs in a pool of `workers` processes; `<root>/stage.json` records the stage's wall time (the
     report's timing table: what one `dvc repro` of this stage cost, cached runs included)."""
     workers = max(1, int(params.get("workers", 2)))
+    from .plan import launcher_gpus
+
+    if workers > 1 and launcher_gpus(params.get("launcher")) > 1:
+        # Two runs in parallel would start two multi-GPU launches on the same devices.
+        print(f"{stage}: launcher spans {launcher_gpus(params.get('launcher'))} GPUs: workers forced to 1")
+        workers = 1
     root.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -267,6 +298,12 @@ def step_compute_matched(params: dict[str, Any]) -> int:
     """The ViT baseline trained for the full model's wall-clock time (same seeds): iterations scaled by the
     measured ratio of seconds per iteration, schedule stretched with it."""
     runs = REPO / "results" / "runs"
+    opt_in = (params.get("paper") or {}).get("opt_in") or []
+    if load_config(profile_name(params)).data.dataset != "generated" and "baseline_compute_matched" not in opt_in:
+        # Opt-in at paper scale: one more full-length multi-GPU run (params.yaml paper.opt_in).
+        (runs / "baseline_compute_matched").mkdir(parents=True, exist_ok=True)
+        print("compute-matched: skipped (not in params.yaml paper.opt_in)")
+        return 0
     full = [_costs(runs / "full" / f"s{s}") for s in params.get("seeds", [0])]
     base = [_costs(runs / "baseline" / f"s{s}") for s in params.get("seeds", [0])]
     ratio = sum(c["train_s_per_iter"] for c in full) / sum(c["train_s_per_iter"] for c in base)

@@ -447,3 +447,26 @@ def seg_logits_to_original(logits: torch.Tensor, meta: dict[str, Any]) -> torch.
     if (ih, iw) != tuple(meta["orig_size"]):
         x = F.interpolate(x[None], size=tuple(meta["orig_size"]), mode="bilinear", align_corners=False)[0]
     return x
+
+
+def paste_masks_at_original(
+    masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float | None = 0.5
+) -> torch.Tensor:
+    """mmdet's way of pasting RoI masks: each (M, M) mask probability map is sampled bilinearly (grid_sample) at
+    the pixel centres of its box, given in *original-image* float coordinates, over an image of ``size`` = (h, w);
+    outside the box the mask is 0. (N, M, M) + (N, 4) -> (N, h, w), thresholded when ``threshold`` is set.
+
+    The evaluation path pastes at network scale with integer-rounded boxes (torchvision) and resizes the pasted
+    map to the original size; bench/data_path.py measures the difference and the host cost of both."""
+    h, w = size
+    n = masks.shape[0]
+    if n == 0:
+        return masks.new_zeros((0, h, w), dtype=torch.bool if threshold is not None else masks.dtype)
+    x0, y0, x1, y1 = (boxes[:, k, None].to(torch.float32) for k in range(4))
+    xs = torch.arange(w, dtype=torch.float32, device=masks.device)[None] + 0.5
+    ys = torch.arange(h, dtype=torch.float32, device=masks.device)[None] + 0.5
+    gx = (xs - x0) / (x1 - x0).clamp_min(1e-6) * 2 - 1  # (N, w) in grid_sample's [-1, 1] over the box
+    gy = (ys - y0) / (y1 - y0).clamp_min(1e-6) * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)], dim=-1)
+    out = F.grid_sample(masks[:, None].to(torch.float32), grid, mode="bilinear", align_corners=False)[:, 0]
+    return out >= threshold if threshold is not None else out
