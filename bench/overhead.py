@@ -160,8 +160,9 @@ class RefCheckout:
 
     ``with checkout:`` swaps its modules into ``sys.modules`` (and this checkout's out), so that imports inside
     resolve to its code; on exit both sets are swapped back, and its modules are kept for the next entry. Objects
-    built inside keep working outside: they hold their own module globals. What its import patched into other
-    libraries is put back on exit (``_undo_patches``).
+    built inside keep working outside: they hold their own module globals. (A commit from before the heads stopped
+    patching torchvision leaves its wrapper in ``roi_heads.fastrcnn_loss``; that wrapper defaults to torchvision's
+    own loss, and this checkout's detector does not call it.)
     """
 
     def __init__(self, ref: str, repo: Path = REPO) -> None:
@@ -178,7 +179,6 @@ class RefCheckout:
         ).stdout.strip()
         self._modules: dict[str, object] = {}
         self._saved: dict[str, object] = {}
-        self._others: dict[str, dict[str, object]] = {}
 
     @staticmethod
     def _ours(name: str) -> bool:
@@ -186,8 +186,6 @@ class RefCheckout:
 
     def __enter__(self) -> RefCheckout:
         self._saved = {k: v for k, v in sys.modules.items() if self._ours(k)}
-        others = ((k, getattr(m, "__dict__", None)) for k, m in list(sys.modules.items()) if not self._ours(k))
-        self._others = {k: dict(d) for k, d in others if d is not None}
         for k in self._saved:
             del sys.modules[k]
         sys.modules.update(self._modules)
@@ -200,25 +198,6 @@ class RefCheckout:
         for k in self._modules:
             del sys.modules[k]
         sys.modules.update(self._saved)
-        self._undo_patches()
-
-    def _undo_patches(self) -> None:
-        """Put back what the checkout's code patched into other libraries while it was imported: any attribute of
-        a module outside ``vit_adapter`` that now holds a function of ``vit_adapter`` it did not hold before. (Our
-        heads module sets torchvision's ``roi_heads.fastrcnn_loss`` to its own wrapper at import; left in place, the
-        checkout's wrapper would read the checkout's box-loss setting instead of this checkout's.)"""
-        for name, before in self._others.items():
-            module = sys.modules.get(name)
-            if module is None:
-                continue
-            for attr, value in list(getattr(module, "__dict__", {}).items()):
-                if attr in before and value is not before[attr] and self._defined_here(value):
-                    setattr(module, attr, before[attr])
-
-    @classmethod
-    def _defined_here(cls, value: object) -> bool:
-        owner = getattr(value, "__module__", None) if callable(value) else None
-        return isinstance(owner, str) and cls._ours(owner)
 
     def module(self, name: str) -> object:
         """``importlib.import_module(name)`` from this checkout (call inside ``with``)."""

@@ -412,13 +412,9 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def _bench_module():
-    import importlib.util
+    from bench import attention_cost
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "attention_cost.py"
-    spec = importlib.util.spec_from_file_location("attention_cost_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return attention_cost
 
 
 def test_attention_bench_arguments_and_analytic_flops(capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -318,6 +321,42 @@ def test_det_bad_targets() -> None:
         det(images, targets[:1])
     with pytest.raises(ValueError, match="anchor_sizes"):
         tiny_det(anchor_sizes=(8, 16, 32, 64))
+    with pytest.raises(ValueError, match="box_loss must be 'smooth_l1' or 'l1', got 'l2'"):
+        tiny_det(box_loss="l2")
+
+
+def _planted_in_other_libraries() -> list[str]:
+    """Attributes of modules outside this repository that hold a function or class defined in ``vit_adapter``
+    (test and bench modules of the repository import our names; an installed library never should)."""
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if module is None or name.split(".")[0] == "vit_adapter":
+            continue
+        if file and Path(file).resolve().is_relative_to(root) and "site-packages" not in Path(file).parts:
+            continue
+        for attr, value in list(vars(module).items()):
+            owner = getattr(value, "__module__", None) if callable(value) else None
+            if isinstance(owner, str) and owner.split(".")[0] == "vit_adapter":
+                found.append(f"{name}.{attr} = {owner}.{getattr(value, '__qualname__', '?')}")
+    return found
+
+
+def test_heads_change_nothing_in_other_libraries() -> None:
+    # torchvision's RoI heads call their module-level fastrcnn_loss; the mmdet L1 loss must come from our own
+    # RoI heads class, not from replacing that function for every user of torchvision in the process.
+    from torchvision.models.detection import roi_heads
+
+    for head in ("upernet", "semfpn"):
+        tiny_seg(head).losses(*seg_batch())
+    images, targets = det_batch()
+    for box_loss, aligned in (("smooth_l1", False), ("l1", True)):
+        det = tiny_det(box_loss=box_loss, roi_align_aligned=aligned)
+        det(images, targets)
+        det.eval()(images)
+    assert roi_heads.fastrcnn_loss.__module__ == roi_heads.__name__
+    assert _planted_in_other_libraries() == []
 
 
 # --------------------------------------------------------------------------------------------------

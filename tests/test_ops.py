@@ -6,7 +6,6 @@ per-level grid_sample reference must both equal it, including points outside the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -269,10 +268,8 @@ def test_bad_inputs_raise_value_error_naming_the_problem() -> None:
 # benchmark script, in-process with tiny repeats
 # ----------------------------------------------------------------------------------------------------------------
 def test_bench_script_runs_and_reports_json(capsys: pytest.CaptureFixture[str]) -> None:
-    path = Path(__file__).resolve().parents[1] / "bench" / "deform_attn.py"
-    spec = importlib.util.spec_from_file_location("bench_deform_attn", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from bench import deform_attn as bench
+
     threads = torch.get_num_threads()
     assert bench.main(["--threads", "1", "--repeats", "1", "--warmup", "0", "--batch", "1", "--json"]) == 0
     assert torch.get_num_threads() == threads  # restored for the rest of the session

@@ -264,10 +264,10 @@ def test_proposals_and_box_regression_stay_fp32_under_autocast(data_root) -> Non
 
 
 def test_mmdet_l1_box_losses(data_root) -> None:
-    from vit_adapter.models import heads
+    from vit_adapter.models.heads.rcnn_parts import rcnn_box_losses
 
     _, model = _tiny_detector(data_root, "head.box_loss=l1")
-    assert model.rpn.box_loss == "l1"
+    assert model.rpn.box_loss == "l1" and model.roi_heads.box_loss == "l1"
     # RPN on hand-made anchors: 2 positives, 1 negative, 1 ignored; every candidate is sampled (256 per image).
     obj = torch.tensor([0.5, -1.0, 2.0, 0.0])
     pred = torch.tensor([[0.1, 0.2, 0.3, 0.4], [1.0, 1.0, 1.0, 1.0], [-0.5, 0.0, 0.5, 0.0], [9.0, 9.0, 9.0, 9.0]])
@@ -281,16 +281,29 @@ def test_mmdet_l1_box_losses(data_root) -> None:
     deltas[0, 4:8] = torch.tensor([0.5, -0.5, 0.05, 0.0])
     roi_labels = [torch.tensor([1, 0, 2])]
     roi_targets = [torch.zeros(3, 4)]
-    token = heads._ROI_BOX_LOSS.set("l1")
-    try:
-        _, l1 = heads._tv_roi_heads.fastrcnn_loss(logits, deltas, roi_labels, roi_targets)
-    finally:
-        heads._ROI_BOX_LOSS.reset(token)
-    _, smooth = heads._tv_roi_heads.fastrcnn_loss(logits, deltas, roi_labels, roi_targets)
+    _, l1 = rcnn_box_losses(logits, deltas, roi_labels, roi_targets, "l1")
+    cls, smooth = rcnn_box_losses(logits, deltas, roi_labels, roi_targets, "smooth_l1")
     assert l1.item() == pytest.approx(1.05 / 3)
     assert smooth.item() == pytest.approx((0.5 - 0.5 / 9 + 0.5 - 0.5 / 9 + 0.5 * 0.05**2 * 9) / 3)
+    # The smooth-L1 kind is torchvision's own RoI loss, bit for bit.
+    from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+    tv_cls, tv_box = fastrcnn_loss(logits, deltas, roi_labels, roi_targets)
+    assert torch.equal(cls, tv_cls) and torch.equal(smooth, tv_box)
     _, default = _tiny_detector(data_root)
-    assert default.rpn.box_loss == "smooth_l1"
+    assert default.rpn.box_loss == "smooth_l1" and default.roi_heads.box_loss == "smooth_l1"
+    # The RoI heads' forward uses its own kind: the same sampled RoIs give an L1 loss for one, smooth-L1 for the other.
+    default.load_state_dict(model.state_dict())
+    images = [torch.randn(3, 64, 64)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]]), "labels": torch.tensor([1]), "masks": torch.ones(1, 64, 64)}
+    ]
+    torch.manual_seed(1)
+    got_l1 = model.losses(images, targets)
+    torch.manual_seed(1)
+    got_smooth = default.losses(images, targets)
+    assert got_l1["loss_classifier"] == got_smooth["loss_classifier"]
+    assert got_l1["loss_box_reg"] > got_smooth["loss_box_reg"] > 0  # |d| > smooth-L1(d) for every delta
 
 
 def test_aligned_roi_align_is_selectable(data_root) -> None:

@@ -17,7 +17,6 @@ borders, is tested in tests/test_ops.py.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import types
 from functools import partial
@@ -270,10 +269,8 @@ def test_short_softmax_matches_float64() -> None:
 
 # ------------------------------------------------------------------------------------------------------------
 def test_overhead_bench_runs_in_process(capsys, tmp_path: Path) -> None:
-    path = Path(__file__).resolve().parents[1] / "bench" / "overhead.py"
-    spec = importlib.util.spec_from_file_location("overhead_bench", path)
-    overhead = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(overhead)
+    from bench import overhead
+
     threads = torch.get_num_threads()
     argv = ["--models", "vit_adapter_t", "--res", "64", "--repeats", "1", "--warmup", "0", "--threads", "1", "--json"]
     rc = overhead.main([*argv, "--out", str(tmp_path / "o.json")])
@@ -295,13 +292,12 @@ def test_overhead_bench_embedded_row_and_compare_ref(capsys, tmp_path: Path) -> 
     root = Path(__file__).resolve().parents[1]
     if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
         pytest.skip("not a git checkout: --compare-ref needs one")
-    spec = importlib.util.spec_from_file_location("overhead_bench_ref", root / "bench" / "overhead.py")
-    overhead = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(overhead)
+    from bench import overhead
+
     factory_before = sys.modules["vit_adapter.models.factory"]
     from torchvision.models.detection import roi_heads
 
-    fastrcnn_loss_before = roi_heads.fastrcnn_loss  # this checkout's wrapper (vit_adapter.models.heads)
+    fastrcnn_loss_before = roi_heads.fastrcnn_loss  # torchvision's own: neither checkout replaces it
     argv = ["--models", "vit_adapter_t", "--res", "64", "--repeats", "1", "--warmup", "0", "--threads", "1"]
     assert overhead.main([*argv, "--json", "--embedded", "--compare-ref", "HEAD"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -313,7 +309,7 @@ def test_overhead_bench_embedded_row_and_compare_ref(capsys, tmp_path: Path) -> 
         assert abs(row["adapter_speedup_vs_ref"] - row["ref_adapter_ms"] / row["adapter_ms"]) < 0.01
     # This checkout's modules are back in place and the temporary worktree is gone.
     assert sys.modules["vit_adapter.models.factory"] is factory_before
-    # ...and so is this checkout's patch of torchvision, which the other checkout's import had replaced by its own.
+    # ...and torchvision is as it was: the other checkout's import patched nothing into it.
     assert roi_heads.fastrcnn_loss is fastrcnn_loss_before
     worktrees = subprocess.run(["git", "-C", str(root), "worktree", "list"], capture_output=True, text=True).stdout
     assert "vit_adapter_compare_" not in worktrees
