@@ -17,7 +17,8 @@ import torch
 
 from vit_adapter import pipeline
 from vit_adapter.cli import main
-from vit_adapter.plan import apply_overrides, launcher_gpus, plan, resolve
+from vit_adapter.pipeline import launcher_gpus
+from vit_adapter.plan import apply_overrides, plan, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"

@@ -252,12 +252,24 @@ def run_one(config_file: Path, out: Path, *, resume: bool) -> int:
     return 0
 
 
+def launcher_gpus(launcher: str | None) -> int:
+    """Processes per run the launcher starts (torchrun's --nproc_per_node / --nproc-per-node); 1 without one."""
+    if not launcher:
+        return 1
+    words = shlex.split(launcher)
+    for k, w in enumerate(words):
+        for flag in ("--nproc_per_node", "--nproc-per-node"):
+            if w == flag and k + 1 < len(words):
+                return int(words[k + 1])
+            if w.startswith(flag + "="):
+                return int(w.split("=", 1)[1])
+    return 1
+
+
 def train_runs(params: dict[str, Any], jobs: list[tuple[Config, Path]], root: Path, stage: str) -> int:
     """Train the jobs in a pool of `workers` processes; `<root>/stage.json` records the stage's wall time (the
     report's timing table: what one `dvc repro` of this stage cost, cached runs included)."""
     workers = max(1, int(params.get("workers", 2)))
-    from .plan import launcher_gpus
-
     if workers > 1 and launcher_gpus(params.get("launcher")) > 1:
         # Two runs in parallel would start two multi-GPU launches on the same devices.
         print(f"{stage}: launcher spans {launcher_gpus(params.get('launcher'))} GPUs: workers forced to 1")

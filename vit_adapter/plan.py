@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine.config import Config, parse_yaml
+from .pipeline import launcher_gpus
 
 PAPER_S_PER_ITER = 0.36  # docs/reference.md Table 7: Deformable, ViT-Adapter-S + Mask R-CNN 1x, 8 GPUs x 2
 PAPER_DENSE_S_PER_ITER = 1.61  # the same table's Global (dense) attention row
@@ -59,20 +60,6 @@ def apply_overrides(params: dict[str, Any], sets: Sequence[str]) -> dict[str, An
                 raise ValueError(f"-S {key}: {p} is not a section of params.yaml")
         node[leaf] = parse_yaml(raw, f"-S {key}")
     return out
-
-
-def launcher_gpus(launcher: str | None) -> int:
-    """Processes per run the launcher starts (torchrun's --nproc_per_node / --nproc-per-node); 1 without one."""
-    if not launcher:
-        return 1
-    words = shlex.split(launcher)
-    for k, w in enumerate(words):
-        for flag in ("--nproc_per_node", "--nproc-per-node"):
-            if w == flag and k + 1 < len(words):
-                return int(words[k + 1])
-            if w.startswith(flag + "="):
-                return int(w.split("=", 1)[1])
-    return 1
 
 
 def load_smoke(path: Path) -> tuple[float, str]:

@@ -7,7 +7,7 @@ A run (and a sweep study) is reused only when its *identity* is unchanged. The i
 - a digest of the dataset it reads (every byte of a small dataset such as the generated one; for a large one
   the annotation/manifest files' bytes plus every other file's name and size),
 - a digest of the package code that computes it (every source file under ``vit_adapter/`` except those that
-  only read results or parse command lines: ``analysis/``, the sweep driver, ``cli.py``; a sweep study adds the
+  only read results, plan or parse command lines: ``analysis/``, the sweep driver, ``cli.py``, ``plan.py``; a sweep study adds the
   sweep driver back, see ``CODE_SCOPES``). Python modules are digested by *meaning*: their syntax tree with
   docstrings removed (comments and formatting are not in the tree), so editing a comment, a docstring or the
   layout keeps every identity, while any change to what executes (a statement, a name, a constant, a default,
@@ -45,8 +45,8 @@ _METADATA_SUFFIXES = (".json", ".txt", ".yaml", ".yml", ".csv")
 # Package paths (relative to vit_adapter/) left out of each scope's code digest. "run": what trains and
 # evaluates one run (the DVC train stages depend on exactly the rest); "sweep": the same plus the sweep driver.
 CODE_SCOPES: dict[str, tuple[str, ...]] = {
-    "run": ("analysis", "sweep", "sweep.py", "cli.py"),
-    "sweep": ("analysis", "cli.py"),
+    "run": ("analysis", "sweep", "sweep.py", "cli.py", "plan.py"),
+    "sweep": ("analysis", "cli.py", "plan.py"),
 }
 # Bump when the recipe below changes: old identities must not match new ones. 2: Python by syntax tree.
 IDENTITY_VERSION = 2
