@@ -63,6 +63,7 @@ def _row(runs: pd.DataFrame, metric: str, a: str, b: str, paper_d: float, n_boot
     diffs = paired_differences(runs, metric, a, b).to_numpy(float)
     sd = float(np.std(diffs, ddof=1)) if len(diffs) >= 2 else math.nan
     agree, excl, text = verdict(paper_d, ci)
+    text = text.replace("a better", f"{a} better").replace("b better", f"{b} better")
     power = paired_t_power(paper_d, sd, ci.n, POWER_ALPHA) if paper_d != 0 else math.nan
     return {"delta": ci.estimate, "lo": ci.lo, "hi": ci.hi, "n_pairs": ci.n, "method": ci.method, "sd_diff": sd,
             "power": power, "mde": min_detectable_effect(sd, ci.n, MDE_POWER, POWER_ALPHA),
