@@ -78,8 +78,12 @@ def plot_table(table: pd.DataFrame, spec: TableSpec, runs: pd.DataFrame, metric:
     Right: the paper's ΔAPb/ΔAPm vs the same row (different task and scale, so a separate axis). Both axes start
     from 0: no truncation. A table with a ``panel`` gets a third one: the cost ratios of its other row to its
     reference, ours vs the paper's (``cost_ratio``, Table 7), or each row's training wall-clock (``wall_time``)."""
-    n_panels = 3 if spec.panel is not None else 2
-    fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 4.2), layout="constrained")
+    others = table[table["variant"] != spec.reference]  # the reference row's paper Δ is 0 by definition
+    has_paper = bool(np.isfinite(others[["paper_delta_APb", "paper_delta_APm"]].to_numpy(float)).any())
+    n_panels = 1 + has_paper + (spec.panel is not None)  # no empty paper panel for a table of ours only
+    fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels + 1.3 * (n_panels == 1), 4.4), layout="constrained",
+                             squeeze=False)  # fmt: skip
+    axes = list(axes[0])
     x = np.arange(len(table))
     labels = _wrap(table["row"])
     ref_label = str(table.loc[table["variant"] == spec.reference, "row"].iloc[0]) if (
@@ -96,7 +100,22 @@ def plot_table(table: pd.DataFrame, spec: TableSpec, runs: pd.DataFrame, metric:
     ax.set_ylabel(f"ours: Δ{metric} vs reference (points)")
     ax.set_title(textwrap.fill(f"ours: Δ{metric} − '{ref_label}', paired by seed, 95% CI", 44), fontsize=9)
 
-    ax = axes[1]
+    if has_paper:
+        _paper_delta_panel(axes[1], table, x, labels)
+    if spec.panel == "cost_ratio":
+        _cost_ratio_panel(axes[-1], table, spec.others[0], spec.reference)
+    elif spec.panel == "wall_time":
+        ax = axes[-1]
+        ax.bar(x, table["wall_time_s"].fillna(0), color=OURS_COLOR, alpha=0.8)
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_ylabel("ours: wall-clock per run (s, mean)")
+        ax.set_title("training budget (ours)", fontsize=9)
+    fig.suptitle(textwrap.fill(spec.title, 60 * n_panels), fontsize=10)
+    return save_png(fig, path)
+
+
+def _paper_delta_panel(ax: plt.Axes, table: pd.DataFrame, x: np.ndarray, labels: list[str]) -> None:
+    """The paper's ΔAPb/ΔAPm vs the table's reference row, bars from 0."""
     w = 0.38
     for j, m in enumerate(("APb", "APm")):
         vals = table[f"paper_delta_{m}"].to_numpy(float)
@@ -108,20 +127,9 @@ def plot_table(table: pd.DataFrame, spec: TableSpec, runs: pd.DataFrame, metric:
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylabel("paper: ΔAP vs reference (COCO AP points)")
-    ax.set_title(textwrap.fill(f"paper ({PAPER_LABEL}): Δ − same row", 44), fontsize=9)
+    ax.set_title(textwrap.fill(f"{PAPER_LABEL}: Δ vs the same row", 44), fontsize=9)
     # Below the axes: a legend inside would cover a bar or a 'not run' label.
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
-
-    if spec.panel == "cost_ratio":
-        _cost_ratio_panel(axes[2], table, spec.others[0], spec.reference)
-    elif spec.panel == "wall_time":
-        ax = axes[2]
-        ax.bar(x, table["wall_time_s"].fillna(0), color=OURS_COLOR, alpha=0.8)
-        ax.set_xticks(x, labels, fontsize=7)
-        ax.set_ylabel("ours: wall-clock per run (s, mean)")
-        ax.set_title("training budget (ours)", fontsize=9)
-    fig.suptitle(spec.title, fontsize=10)
-    return save_png(fig, path)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
 
 
 def forest_frame(fr: pd.DataFrame) -> pd.DataFrame:
