@@ -101,12 +101,13 @@ def _vega(data: dict[str, Any], plot: str) -> dict[str, Any]:
 
 
 def _axis_titles(node: Any) -> list[tuple[str, str]]:
-    """Every (channel, title) of an x/y encoding with a field anywhere in a spec (layers and concats too)."""
+    """Every (channel, title) of a quantitative x/y encoding anywhere in a spec (layers and concats too); a
+    nominal axis (the forest plot's findings) is named by its labels."""
     found = []
     if isinstance(node, dict):
         for ch in ("x", "y"):
             enc = (node.get("encoding") or {}).get(ch)
-            if isinstance(enc, dict) and "field" in enc and enc.get("axis", {}) is not None:
+            if isinstance(enc, dict) and "field" in enc and enc.get("type") == "quantitative":
                 found.append((ch, str(enc.get("title"))))
         for v in node.values():
             found += _axis_titles(v)

@@ -160,7 +160,7 @@ def plot_forest(forest: pd.DataFrame, metric: str, path: Path) -> Path:
         if math.isnan(v):
             bx.text(0.5, yi, "no paper Δ", transform=bx.get_yaxis_transform(), ha="center", va="center", fontsize=7)
     bx.axvline(0.0, color="k", lw=0.8)
-    bx.set_xlabel("paper: ΔAPb (COCO box AP points, a − b)")
+    bx.set_xlabel("paper: ΔAPb (AP points, a − b)")
     bx.set_title("paper (ViT-S + Mask R-CNN 1×)", fontsize=9)
     fig.suptitle("Findings: our Δ with its 95% CI (left) and the paper's Δ (right, its own axis)", fontsize=10)
     return save_png(fig, path)
@@ -288,7 +288,7 @@ def plot_train_curves(
             s = d["std"].fillna(0).to_numpy(float)
             a.fill_between(d["iter"], d["mean"] - s, d["mean"] + s, color=color, alpha=0.15, lw=0)
     ax.set_xlabel("iteration (optimizer steps)")
-    ax.set_ylabel("training loss (cross-entropy, nats; mean ± std over seeds)")
+    ax.set_ylabel("training loss (nats, mean ± std)")
     ax.set_title("training loss (log.jsonl)", fontsize=9)
     bx.set_xlabel("iteration")
     bx.set_ylabel(f"validation {metric} (mean ± std)")
