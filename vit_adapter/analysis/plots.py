@@ -208,18 +208,24 @@ def plot_metric_vs_n(
 ) -> Path:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.4, 3.4), layout="constrained")
     t = table[table["n"] > 0].sort_values("N")
-    ax.errorbar(t["N"], t[f"{metric}_mean"], yerr=t[f"{metric}_std"].fillna(0), fmt="o-", color=OURS_COLOR, capsize=4)
-    for n_val, variant in zip(t["N"], t["variant"]):
-        seeds = runs.loc[runs["variant"] == variant, metric].dropna().to_numpy(float)
-        ax.plot(np.full(seeds.shape, n_val), seeds, "k.", ms=4)
+    ref_n = t.loc[t["variant"] == spec.reference, "N"]
+    d = t[f"delta_{metric}"].to_numpy(float)
+    err = np.vstack([np.nan_to_num(d - t[f"delta_{metric}_lo"].to_numpy(float)),
+                     np.nan_to_num(t[f"delta_{metric}_hi"].to_numpy(float) - d)])  # fmt: skip
+    ax.errorbar(t["N"], d, yerr=err, fmt="o-", color=OURS_COLOR, capsize=4)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ref = f"N={int(ref_n.iloc[0])}" if len(ref_n) else spec.reference
     ax.set_xlabel("number of interactions N (0 = ViT baseline)")
-    ax.set_ylabel(f"ours: {metric}")
-    ax.set_title(f"ours ({metric}, mean ± std, dots = seeds)", fontsize=9)
+    ax.set_ylabel(f"ours: Δ{metric} vs {ref} (points)")
+    ax.set_title(f"ours: Δ{metric} vs {ref}, paired by seed, 95% CI", fontsize=9)
     pc = paper_curve(paper, spec)
+    at_ref = pc[pc["variant"] == spec.reference]
     for j, m in enumerate(("APb", "APm")):
-        bx.plot(pc["N"], pc[m], "s-", color=PAPER_COLORS[j], label=f"paper {m}")
+        base = float(at_ref[m].iloc[0]) if len(at_ref) else math.nan  # Δ vs the same row as ours
+        bx.plot(pc["N"], pc[m] - base, "s-", color=PAPER_COLORS[j], label=f"paper Δ{m}")
+    bx.axhline(0.0, color="k", lw=0.8)
     bx.set_xlabel("number of interactions N")
-    bx.set_ylabel("paper: AP (%)")
+    bx.set_ylabel(f"paper: ΔAP vs {ref} (COCO AP points)")
     bx.set_title(textwrap.fill(PAPER_LABEL, 40), fontsize=9)
     bx.legend(fontsize=7)
     ticks = sorted(set(pc["N"]) | set(t["N"]))
