@@ -254,7 +254,7 @@ def test_plots_written(pipeline: dict[str, Path]) -> None:
     curves = pd.read_csv(pl / "train_curves.csv")
     full = curves[(curves.variant == "full") & (curves.iter == 100)]
     assert full["mean"].iloc[0] == pytest.approx(1.0 - 0.01)  # 2 - 1 - 0.01·seed, mean over seeds 0..2
-    assert (pl / "train_loss" / "baseline.csv").is_file()
+    assert set(curves["variant"]) == set(MIOU)  # one series per variant in dvc's training-curve plot
     assert list(pd.read_csv(pl / "metric_vs_n.csv")["N"]) == [0, 1, 2, 4]
     assert list(pd.read_csv(pl / "paper_metric_vs_n.csv")["N"]) == [0, 1, 2, 4, 6]
 
@@ -300,7 +300,12 @@ def test_report_mentions_each_table_and_is_deterministic(pipeline: dict[str, Pat
 def test_report_optional_sections(pipeline: dict[str, Path], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     (sweep / "st1" / "plots").mkdir(parents=True)
-    trials = {"number": [0, 1], "value_mIoU": [50.5, 52.25], "state": ["COMPLETE", "COMPLETE"]}
+    trials = {
+        "number": [0, 1],
+        "value_mIoU": [50.5, 52.25],
+        "state": ["COMPLETE", "COMPLETE"],
+        "duration": ["0 days 00:01:40.025570", "0 days 01:02:03.5"],
+    }  # as Optuna's trials_dataframe writes
     pd.DataFrame(trials | {"params_gamma_init": [1e-3, 0.5], "params_cffn_ratio": [0.5, 0.1]}).to_csv(
         sweep / "st1" / "trials.csv", index=False
     )
@@ -344,11 +349,56 @@ def test_report_optional_sections(pipeline: dict[str, Path], tmp_path: Path) -> 
     assert "| best trial 1 " in text and "| paper_default " in text and "no ConvFFN" in text
     assert "best − paper_default: +1.75 mIoU (best wins on 2 of 2 seed(s))" in text
     assert "trials.csv" in text and "52.25" in text and "](sweep/st1/plots/contour_gamma_ratio.png)" in text
+    assert "| 1 min 40 s " in text and "| 1 h 02 min " in text and "days" not in text
     assert "| top1   | 0.42 " in text and "](figs/pretrain_curve.png)" in text
     assert "cpu_default" in text and "## Stage timings" in text and "| train " in text and "other 0.2 min" in text
     import hashlib
 
     assert hashlib.sha256(lock.read_bytes()).hexdigest() in text
+
+
+def test_report_leads_with_the_answer_and_ends_with_the_appendix(pipeline: dict[str, Path]) -> None:
+    text = pipeline["md"].read_text()
+    answer, rest = text.split("\n# Results\n")
+    results, appendix = rest.split("\n# Appendix")
+    # first screen: the paragraph with the run's power, the verdict table, the forest plot, the rows not run
+    assert answer.index("## The answer") < answer.index("What it can say") < answer.index("| finding")
+    assert "minimum detectable effect at 80% power" in answer and "power at paper Δ / MDE₈₀ (mIoU)" in answer
+    assert "](figures/findings_forest.png)" in answer
+    assert "| Table 6 (right) N=6 (n6) " in answer and "CSwin" in answer and "Pale" in answer
+    # the compute-matched comparison by its measured wall ratio (make_run: wall = s/iter · iters + 5 s)
+    ratio = (0.2 * 300 + 5) / (0.6 * 100 + 5)
+    assert f"given {ratio:.2f}× the full model's measured wall time" in answer
+    assert "equal wall-clock" not in text and f"ran {ratio:.2f}× the wall time of `full`" in results
+    # settings, digests, environment and timings only in the appendix
+    for heading in ("## Method", "## Inputs every number", "## Environment", "## Stage timings"):
+        assert heading in appendix and heading not in answer + results, heading
+    assert "Test CPU" in appendix and "Test CPU" not in answer + results
+
+
+def test_figures_have_no_hidden_labels_and_complete_legends(
+    pipeline: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The twin-axis pretraining figure lists all three lines; the table figures keep legends off the axes and
+    show Δ bars from 0 (no truncated axis)."""
+    figs: list = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: figs.append(fig) or path)
+    hist = [{"step": k, "train_loss": 2.3 - k / 100, "train_top1": k / 200} for k in (10, 20, 30)]
+    plots.plot_pretrain({"history": hist, "top1": 0.4}, tmp_path / "p.png")
+    (legend,) = [a.get_legend() for a in figs[0].axes if a.get_legend() is not None]
+    assert [t.get_text() for t in legend.get_texts()] == ["train loss", "train top-1", "val top-1 0.400"]
+    runs = pd.read_csv(pipeline["results"] / "runs.csv")
+    for spec in tables.TABLES:
+        table = pd.read_csv(pipeline["results"] / f"{spec.name}.csv")
+        plots.plot_table(table, spec, runs, "mIoU", tmp_path / "t.png")
+        fig = figs[-1]
+        ours = fig.axes[0]
+        lo, hi = ours.get_ylim()
+        assert lo <= 0 <= hi, spec.name  # Δ axis includes 0
+        for ax in fig.axes:
+            leg = ax.get_legend()
+            if leg is not None and leg.get_bbox_to_anchor() is not None and ax is not fig.axes[-1]:
+                assert leg.get_bbox_to_anchor().transformed(ax.transAxes.inverted()).y0 < 0, spec.name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -555,7 +605,7 @@ def test_new_variant_is_one_registry_entry(pipeline: dict[str, Path], tmp_path: 
     loo = pd.read_csv(res / "leave_one_out.csv").set_index("variant")
     assert loo.loc["no_convffn", "row"] == "no ConvFFN" and loo.loc["no_convffn", "delta_mIoU"] == pytest.approx(-2.5)
     assert list(pd.read_csv(res / "summary.csv")["variant"]) == ["baseline", "full", "no_convffn"]  # registry order
-    assert (res / "plots" / "train_loss" / "no_convffn.csv").is_file()
+    assert "no_convffn" in set(pd.read_csv(res / "plots" / "train_curves.csv")["variant"])  # a dvc plots series
     assert "no_convffn" in set(pd.read_csv(res / "plots" / "cost_vs_metric.csv")["variant"])
     text = md.read_text()
     assert (

@@ -177,37 +177,37 @@ def test_micro_profile_runs_every_stage_and_resumes_after_kill(micro_repo: Path)
 
 
 def test_dvc_shows_metrics_plots_and_overlay_params(micro_repo: Path) -> None:
-    """After the micro repro: `dvc metrics show` has every variant's mean ± std and the verdicts, `dvc plots show`
-    renders data for each plot, and an edited overlay flag shows in `dvc params diff`."""
+    """After the micro repro: `dvc metrics show` has the flat headline (every variant's mean; numbers only), the
+    detail files are outputs, `dvc plots show` renders data for each plot, and an edited overlay flag shows in
+    `dvc params diff`."""
     metrics = json.loads(_dvc(micro_repo, "metrics", "show", "--json").stdout)
     files = next(iter(metrics.values()))["data"]
-    variants = files["results/metrics.json"]["data"]["variants"]
-    assert set(variants) >= {"baseline", "full"}
-    assert all(v["n"] == 1 and v["mean"] is not None for v in variants.values())
+    assert set(files) == {"results/headline.json"}
+    headline = files["results/headline.json"]["data"]
+    assert {"baseline.mean", "full.mean", "full-baseline.delta"} <= set(headline)
+    assert all(isinstance(v, int | float) for v in headline.values())
     on_disk = json.loads((micro_repo / "results/metrics.json").read_text())["variants"]
     assert all({"mean", "std", "n", "delta_vs_full", "delta_lo", "delta_hi"} <= set(v) for v in on_disk.values())
-    assert "findings" in files["results/findings.json"]["data"]
+    assert all(v["n"] == 1 and v["mean"] is not None for v in on_disk.values())
+    assert "findings" in json.loads((micro_repo / "results/findings.json").read_text())
     shown = _dvc(micro_repo, "metrics", "show").stdout
-    assert "variants.full.mean" in shown and "variants.baseline.delta_vs_full" in shown
+    assert "full.mean" in shown and "full-baseline.delta" in shown
 
     shown = json.loads(_dvc(micro_repo, "plots", "show", "--json", "--split").stdout)
     assert not shown.get("errors"), shown.get("errors")
     plots = shown["data"]
-    assert "metric_vs_n" in plots and "cost_vs_metric" in plots and any("train_loss" in n for n in plots)
+    assert {"findings_forest", "train_loss", "metric_vs_n", "paper_metric_vs_n", "cost_vs_metric"} <= set(plots)
+    field = {"findings_forest": "delta", "paper_metric_vs_n": "APb"}  # the others plot `mean`
     for name, renders in plots.items():
         for r in renders:
             if r["type"] == "vega":  # every declared field found: one data point per row
                 rows = r["anchor_definitions"]["<DVC_METRIC_DATA>"]
-                # y is `dvc_inferred_y_value` for a plot over several files, the declared field otherwise
-                y = [row.get("dvc_inferred_y_value", row.get("loss", row.get("mean"))) for row in rows]
+                y = [row.get(field.get(name, "mean")) for row in rows]
                 assert rows and all(v not in (None, "") for v in y), name
             else:
                 assert r["type"] == "image" and Path(r["url"]).stat().st_size > 0, name
-    metric_vs_n = {
-        row["filename::field"].split("::")[0]
-        for row in plots["metric_vs_n"][0]["anchor_definitions"]["<DVC_METRIC_DATA>"]
-    }
-    assert metric_vs_n == {"metric_vs_n.csv", "paper_metric_vs_n.csv"}  # ours and the paper's curve
+    curves = plots["train_loss"][0]["anchor_definitions"]["<DVC_METRIC_DATA>"]
+    assert {row["variant"] for row in curves} >= {"baseline", "full"}  # one line per variant, in one plot
 
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     subprocess.run(["git", "add", "-A"], cwd=micro_repo, check=True, capture_output=True)
@@ -240,7 +240,7 @@ def test_a_new_ablation_needs_no_code(micro_repo: Path) -> None:
         loo = {row["variant"]: row for row in csv.DictReader(f)}
     assert loo[NEW_ABLATION]["row"] == "no ConvFFN (new)" and loo[NEW_ABLATION]["n"] == "1"  # a row, trained
     assert NEW_ABLATION in json.loads((results / "metrics.json").read_text())["variants"]
-    assert (results / f"plots/train_loss/{NEW_ABLATION}.csv").is_file()
+    assert f"\n{NEW_ABLATION}," in (results / "plots/train_curves.csv").read_text()  # its line in the loss plot
     assert NEW_ABLATION in (results / "plots/cost_vs_metric.csv").read_text()
     assert (micro_repo / "reports/figures/leave_one_out.png").stat().st_size > 1000
     assert f"train@{NEW_ABLATION}" in (results / "stage_timings.csv").read_text()

@@ -131,3 +131,29 @@ def test_argument_checks_are_kept() -> None:
         stats.t_ppf(0.9, -1)
     with pytest.raises(ValueError, match="\\[0, 1\\]"):
         stats.betainc(1.0, 1.0, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Power of the paired t-test (the report's "what this run can resolve")
+
+
+def test_paired_t_power_against_a_monte_carlo_of_the_test() -> None:
+    """The noncentral-t power equals the rejection rate of the test simulated on normal differences."""
+    rng = np.random.default_rng(0)
+    n, sd, effect = 4, 1.0, 1.5
+    x = rng.normal(effect, sd, size=(200_000, n))
+    t = x.mean(axis=1) / (x.std(axis=1, ddof=1) / math.sqrt(n))
+    rate = float(np.mean(np.abs(t) > stats.t_ppf(0.975, n - 1)))
+    assert stats.paired_t_power(effect, sd, n) == pytest.approx(rate, abs=0.005)
+
+
+def test_power_limits_and_minimum_detectable_effect() -> None:
+    assert stats.paired_t_power(0.0, 1.0, 5) == pytest.approx(0.05, abs=1e-12)  # no effect: the test's size
+    assert stats.paired_t_power(-2.0, 1.0, 5) == stats.paired_t_power(2.0, 1.0, 5)  # two-sided
+    assert stats.paired_t_power(50.0, 1.0, 5) == pytest.approx(1.0)
+    assert math.isnan(stats.paired_t_power(1.0, 1.0, 1)) and math.isnan(stats.paired_t_power(1.0, 0.0, 4))
+    mde = stats.min_detectable_effect(2.0, 4)
+    assert stats.paired_t_power(mde, 2.0, 4) == pytest.approx(0.8, abs=1e-8)
+    assert stats.min_detectable_effect(4.0, 4) == pytest.approx(2 * mde)  # linear in the std
+    assert stats.min_detectable_effect(2.0, 16) < mde  # more pairs resolve smaller effects
+    assert math.isnan(stats.min_detectable_effect(1.0, 1))

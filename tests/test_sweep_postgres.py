@@ -28,7 +28,7 @@ import yaml
 from optuna.trial import TrialState
 
 from tests.test_sweep import micro
-from vit_adapter.analysis.report import _section_sweeps
+from vit_adapter.analysis.report_sections import section_sweeps as _section_sweeps
 from vit_adapter.data import generate_dataset
 from vit_adapter.sweep import (
     KILL_ENV,

@@ -31,7 +31,9 @@ import pandas as pd  # noqa: E402
 from vit_adapter.utils.io import atomic_write_bytes  # noqa: E402
 
 from .cli_common import analysis_parser, run_step  # noqa: E402
+from .findings import findings_frame  # noqa: E402
 from .registry import Registry, TableSpec, load_registry  # noqa: E402
+from .stats import DEFAULT_N_BOOT  # noqa: E402
 from .summary import write_csv  # noqa: E402
 from .tables import paper_by_variant  # noqa: E402
 
@@ -64,69 +66,104 @@ def _metric_of(summary: pd.DataFrame) -> str:
 # Table bar charts
 
 
+def _delta_bars(ax: plt.Axes, x: np.ndarray, d: np.ndarray, lo: np.ndarray, hi: np.ndarray, color: str) -> None:
+    """Δ bars from 0 with their CI as error bars (NaN CI: no bar end); 0 is always on the axis (untruncated)."""
+    err = np.vstack([np.nan_to_num(d - lo), np.nan_to_num(hi - d)])
+    ax.bar(x, np.nan_to_num(d), yerr=err, color=color, alpha=0.85, capsize=4, ecolor="k")
+    ax.axhline(0.0, color="k", lw=0.8)
+
+
 def plot_table(table: pd.DataFrame, spec: TableSpec, runs: pd.DataFrame, metric: str, path: Path) -> Path:
-    """Left: ours (mean ± std bars, one dot per seed). Right: the paper's APb/APm (different task and scale).
-    A table with a ``panel`` gets a third one: the cost ratios of its other row to its reference, ours vs the
-    paper's (``cost_ratio``, Table 7), or each row's training wall-clock (``wall_time``)."""
-    n_panels = 3 if spec.panel is not None else 2
-    fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 3.8), layout="constrained")
+    """Left: our seed-paired Δ vs the table's reference row with its 95 % CI (the numbers the verdicts rest on).
+    Right: the paper's ΔAPb/ΔAPm vs the same row (different task and scale, so a separate axis). Both axes start
+    from 0: no truncation. A table with a ``panel`` gets a third one: the cost ratios of its other row to its
+    reference, ours vs the paper's (``cost_ratio``, Table 7), or each row's training wall-clock (``wall_time``)."""
+    others = table[table["variant"] != spec.reference]  # the reference row's paper Δ is 0 by definition
+    has_paper = bool(np.isfinite(others[["paper_delta_APb", "paper_delta_APm"]].to_numpy(float)).any())
+    n_panels = 1 + has_paper + (spec.panel is not None)  # no empty paper panel for a table of ours only
+    fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels + 1.3 * (n_panels == 1), 4.4), layout="constrained",
+                             squeeze=False)  # fmt: skip
+    axes = list(axes[0])
     x = np.arange(len(table))
     labels = _wrap(table["row"])
+    ref_label = str(table.loc[table["variant"] == spec.reference, "row"].iloc[0]) if (
+        table["variant"] == spec.reference).any() else spec.reference  # fmt: skip
     ax = axes[0]
-    axis_y = ax.get_xaxis_transform()  # x in data, y in axes fraction: labels stay visible when zoomed
-    means, stds = table[f"{metric}_mean"].to_numpy(float), table[f"{metric}_std"].fillna(0).to_numpy(float)
-    ax.bar(x, np.nan_to_num(means), yerr=stds, color=OURS_COLOR, alpha=0.8, capsize=4, label="mean ± std")
-    for i, variant in enumerate(table["variant"]):
-        seeds = runs.loc[runs["variant"] == variant, metric].dropna().to_numpy(float)
-        ax.plot(np.full(seeds.shape, i), seeds, "k.", ms=4, label="seeds" if i == 0 else None)
-        if len(seeds) == 0:
-            ax.text(i, 0.02, "not run", ha="center", va="bottom", rotation=90, fontsize=8, transform=axis_y)
-    _zoom(ax, np.concatenate([means - stds, means + stds, runs.loc[runs["variant"].isin(table["variant"]), metric]]))
+    d = table[f"delta_{metric}"].to_numpy(float)
+    _delta_bars(ax, x, d, table[f"delta_{metric}_lo"].to_numpy(float), table[f"delta_{metric}_hi"].to_numpy(float),
+                OURS_COLOR)  # fmt: skip
+    for i, n in enumerate(table["n"]):
+        if not n:
+            ax.text(i, 0.02, "not run", ha="center", va="bottom", rotation=90, fontsize=8,
+                    transform=ax.get_xaxis_transform())  # fmt: skip
     ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel(f"ours: {metric}")
-    ax.set_title(f"ours ({metric}, mean ± std over seeds)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylabel(f"ours: Δ{metric} vs reference (points)")
+    ax.set_title(textwrap.fill(f"ours: Δ{metric} − '{ref_label}', paired by seed, 95% CI", 44), fontsize=9)
 
-    ax = axes[1]
-    w = 0.38
-    for j, m in enumerate(("APb", "APm")):
-        vals = table[f"paper_{m}"].to_numpy(float)
-        ax.bar(x + (j - 0.5) * w, np.nan_to_num(vals), w, color=PAPER_COLORS[j], label=f"paper {m}")
-        for i, v in enumerate(vals):
-            if math.isnan(v) and j == 0:
-                ax.text(i, 0.02, "no paper number", ha="center", va="bottom", rotation=90, fontsize=7,
-                        transform=ax.get_xaxis_transform())  # fmt: skip
-    _zoom(ax, table[["paper_APb", "paper_APm"]].to_numpy(float).ravel())
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("paper: AP (%)")
-    ax.set_title(textwrap.fill(PAPER_LABEL, 40), fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-
+    if has_paper:
+        _paper_delta_panel(axes[1], table, x, labels)
     if spec.panel == "cost_ratio":
-        _cost_ratio_panel(axes[2], table, spec.others[0], spec.reference)
+        _cost_ratio_panel(axes[-1], table, spec.others[0], spec.reference)
     elif spec.panel == "wall_time":
-        ax = axes[2]
+        ax = axes[-1]
         ax.bar(x, table["wall_time_s"].fillna(0), color=OURS_COLOR, alpha=0.8)
         ax.set_xticks(x, labels, fontsize=7)
         ax.set_ylabel("ours: wall-clock per run (s, mean)")
         ax.set_title("training budget (ours)", fontsize=9)
-    fig.suptitle(spec.title, fontsize=10)
+    fig.suptitle(textwrap.fill(spec.title, 60 * n_panels), fontsize=10)
     return save_png(fig, path)
 
 
-def _zoom(ax: plt.Axes, values: np.ndarray) -> None:
-    """Bars whose differences are small next to their height: start the y axis near the data (the axis label
-    says so), not at 0, so that the differences the tables report are visible."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return
-    lo, hi = float(v.min()), float(v.max())
-    pad = 0.15 * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 1e-3)
-    bottom = lo - 3 * pad if lo - 3 * pad > 0 else 0.0
-    ax.set_ylim(bottom, hi + pad)
-    if bottom > 0:
-        ax.annotate(f"axis starts at {bottom:.3g}", (0.01, 0.99), xycoords="axes fraction", va="top", fontsize=6)
+def _paper_delta_panel(ax: plt.Axes, table: pd.DataFrame, x: np.ndarray, labels: list[str]) -> None:
+    """The paper's ΔAPb/ΔAPm vs the table's reference row, bars from 0."""
+    w = 0.38
+    for j, m in enumerate(("APb", "APm")):
+        vals = table[f"paper_delta_{m}"].to_numpy(float)
+        ax.bar(x + (j - 0.5) * w, np.nan_to_num(vals), w, color=PAPER_COLORS[j], label=f"paper Δ{m}")
+        for i, v in enumerate(vals):
+            if math.isnan(v) and j == 0:
+                ax.text(i, 0.02, "no paper number", ha="center", va="bottom", rotation=90, fontsize=7,
+                        transform=ax.get_xaxis_transform())  # fmt: skip
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("paper: ΔAP vs reference (COCO AP points)")
+    ax.set_title(textwrap.fill(f"{PAPER_LABEL}: Δ vs the same row", 44), fontsize=9)
+    # Below the axes: a legend inside would cover a bar or a 'not run' label.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+
+
+def forest_frame(fr: pd.DataFrame) -> pd.DataFrame:
+    """The forest plot's rows (findings that ran, in registry order, then ours): label, Δ, CI, paper ΔAPb."""
+    ran = fr[fr["n_pairs"] > 0]
+    label = [f"{f} ({a} − {b})" for f, a, b in zip(ran["finding"], ran["a"], ran["b"])]
+    return pd.DataFrame({"finding": label, "a": ran["a"], "b": ran["b"], "delta": ran["delta"], "lo": ran["lo"],
+                         "hi": ran["hi"], "paper_dAPb": ran["paper_dAPb"], "n_pairs": ran["n_pairs"],
+                         "power": ran["power"]}).reset_index(drop=True)  # fmt: skip
+
+
+def plot_forest(forest: pd.DataFrame, metric: str, path: Path) -> Path:
+    """One row per finding. Left axis: our Δ with its 95 % CI; right axis (its own, other unit): the paper's Δ
+    APb. A hollow marker on the right means no paper counterpart."""
+    n = len(forest)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 0.45 * n + 1.6), sharey=True, layout="constrained",
+                                 gridspec_kw={"width_ratios": [3, 1.3]})  # fmt: skip
+    y = np.arange(n)[::-1]
+    d, lo, hi = (forest[c].to_numpy(float) for c in ("delta", "lo", "hi"))
+    ax.errorbar(d, y, xerr=np.vstack([d - lo, hi - d]), fmt="o", color=OURS_COLOR, capsize=3, label="ours")
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_yticks(y, _wrap(forest["finding"], 48), fontsize=7)
+    ax.set_xlabel(f"ours: Δ{metric} (points, a − b), 95% CI")
+    ax.set_title(f"ours: seed-paired Δ{metric}", fontsize=9)
+    p = forest["paper_dAPb"].to_numpy(float)
+    bx.plot(p, y, "D", color=PAPER_COLORS[0], label="paper ΔAPb")
+    for yi, v in zip(y, p):
+        if math.isnan(v):
+            bx.text(0.5, yi, "no paper Δ", transform=bx.get_yaxis_transform(), ha="center", va="center", fontsize=7)
+    bx.axvline(0.0, color="k", lw=0.8)
+    bx.set_xlabel("paper: ΔAPb (AP points, a − b)")
+    bx.set_title("paper (ViT-S + Mask R-CNN 1×)", fontsize=9)
+    fig.suptitle("Findings: our Δ with its 95% CI (left) and the paper's Δ (right, its own axis)", fontsize=10)
+    return save_png(fig, path)
 
 
 def _cost_ratio_panel(ax: plt.Axes, table: pd.DataFrame, other: str, reference: str) -> None:
@@ -171,18 +208,24 @@ def plot_metric_vs_n(
 ) -> Path:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.4, 3.4), layout="constrained")
     t = table[table["n"] > 0].sort_values("N")
-    ax.errorbar(t["N"], t[f"{metric}_mean"], yerr=t[f"{metric}_std"].fillna(0), fmt="o-", color=OURS_COLOR, capsize=4)
-    for n_val, variant in zip(t["N"], t["variant"]):
-        seeds = runs.loc[runs["variant"] == variant, metric].dropna().to_numpy(float)
-        ax.plot(np.full(seeds.shape, n_val), seeds, "k.", ms=4)
+    ref_n = t.loc[t["variant"] == spec.reference, "N"]
+    d = t[f"delta_{metric}"].to_numpy(float)
+    err = np.vstack([np.nan_to_num(d - t[f"delta_{metric}_lo"].to_numpy(float)),
+                     np.nan_to_num(t[f"delta_{metric}_hi"].to_numpy(float) - d)])  # fmt: skip
+    ax.errorbar(t["N"], d, yerr=err, fmt="o-", color=OURS_COLOR, capsize=4)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ref = f"N={int(ref_n.iloc[0])}" if len(ref_n) else spec.reference
     ax.set_xlabel("number of interactions N (0 = ViT baseline)")
-    ax.set_ylabel(f"ours: {metric}")
-    ax.set_title(f"ours ({metric}, mean ± std, dots = seeds)", fontsize=9)
+    ax.set_ylabel(f"ours: Δ{metric} vs {ref} (points)")
+    ax.set_title(f"ours: Δ{metric} vs {ref}, paired by seed, 95% CI", fontsize=9)
     pc = paper_curve(paper, spec)
+    at_ref = pc[pc["variant"] == spec.reference]
     for j, m in enumerate(("APb", "APm")):
-        bx.plot(pc["N"], pc[m], "s-", color=PAPER_COLORS[j], label=f"paper {m}")
+        base = float(at_ref[m].iloc[0]) if len(at_ref) else math.nan  # Δ vs the same row as ours
+        bx.plot(pc["N"], pc[m] - base, "s-", color=PAPER_COLORS[j], label=f"paper Δ{m}")
+    bx.axhline(0.0, color="k", lw=0.8)
     bx.set_xlabel("number of interactions N")
-    bx.set_ylabel("paper: AP (%)")
+    bx.set_ylabel(f"paper: ΔAP vs {ref} (COCO AP points)")
     bx.set_title(textwrap.fill(PAPER_LABEL, 40), fontsize=9)
     bx.legend(fontsize=7)
     ticks = sorted(set(pc["N"]) | set(t["N"]))
@@ -250,8 +293,8 @@ def plot_train_curves(
             a.plot(d["iter"], d["mean"], "-" if a is ax else "o-", color=color, lw=1.2, ms=3, label=variant)
             s = d["std"].fillna(0).to_numpy(float)
             a.fill_between(d["iter"], d["mean"] - s, d["mean"] + s, color=color, alpha=0.15, lw=0)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("training loss (mean ± std over seeds)")
+    ax.set_xlabel("iteration (optimizer steps)")
+    ax.set_ylabel("training loss (nats, mean ± std)")
     ax.set_title("training loss (log.jsonl)", fontsize=9)
     bx.set_xlabel("iteration")
     bx.set_ylabel(f"validation {metric} (mean ± std)")
@@ -310,9 +353,12 @@ def plot_pretrain(meta: dict[str, Any], path: Path) -> Path:
         if meta.get("top1") is not None:
             bx.axhline(float(meta["top1"]), color=PAPER_COLORS[1], ls="--", label=f"val top-1 {meta['top1']:.3f}")
         bx.set_ylabel("top-1 (fraction)")
-        bx.legend(fontsize=7, loc="center right")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
+        # One legend for both axes (a twin axis' legend lists only its own lines), outside the data.
+        handles = ax.get_legend_handles_labels()[0] + bx.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3,
+                  frameon=False)  # fmt: skip
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (cross-entropy, nats)")
     ax.set_title("Stand-in ViT pretraining (the run's JSON sidecar)", fontsize=9)
     return save_png(fig, path)
 
@@ -328,6 +374,7 @@ def make_plots(
     paper_path: Path | None = None,
     pretrain_json: Path | None = None,
     registry_path: Path | None = None,
+    n_boot: int = DEFAULT_N_BOOT,
 ) -> list[Path]:
     """Every figure into ``out_dir`` and the dvc-plots CSVs into ``<results>/plots/``; returns all paths."""
     registry = load_registry(registry_path)
@@ -360,10 +407,11 @@ def make_plots(
     written.append(plot_train_curves(loss, ev, metric, out_dir / "train_curves.png", registry))
     written.append(write_csv(loss, plots_dir / "train_curves.csv"))
     written.append(write_csv(ev, plots_dir / "eval_curves.csv"))
-    for variant, d in loss.groupby("variant", sort=True):  # one file per variant: dvc overlays files as lines
-        written.append(
-            write_csv(d[["iter", "mean"]].rename(columns={"mean": "loss"}), plots_dir / "train_loss" / f"{variant}.csv")
-        )
+
+    fr = findings_frame(runs, paper, metric, n_boot, registry)
+    forest = forest_frame(fr)
+    written.append(plot_forest(forest, metric, out_dir / "findings_forest.png"))
+    written.append(write_csv(forest, plots_dir / "findings.csv"))
 
     written.append(plot_cost_vs_metric(summary, out_dir / "cost_vs_metric.png"))
     cost_cols = ["variant", "s_per_iter", "s_per_iter_std", "flops_G", "peak_memory_mb", "mean", "std", "n"]

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special
+from scipy import optimize, special
 from scipy import stats as sps
 
 BOOTSTRAP_MIN_N = 10  # below this many pairs a t-interval; from here on a percentile bootstrap (brief, report)
@@ -97,3 +97,27 @@ def mean_interval(
     if x.size >= BOOTSTRAP_MIN_N:
         return bootstrap_interval(x, conf, n_boot, seed)
     return t_interval(x, conf)
+
+
+def paired_t_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
+    """Power of the two-sided paired t-test at level ``alpha`` with ``n`` pairs whose differences have standard
+    deviation ``sd``, against a true mean difference ``effect``: P(|T| > t_{1−α/2, n−1}) with T noncentral t
+    (df n − 1, noncentrality effect·√n / sd). NaN when undefined (n < 2, sd not positive, effect NaN)."""
+    if n < 2 or not (sd > 0) or not math.isfinite(effect):
+        return math.nan
+    df = n - 1
+    crit = t_ppf(1.0 - alpha / 2.0, df)
+    nc = abs(effect) * math.sqrt(n) / sd
+    return float(sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc))
+
+
+def min_detectable_effect(sd: float, n: int, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The smallest true mean difference the paired t-test (``n`` pairs, differences' std ``sd``) detects with
+    probability ``power`` at level ``alpha``: the root of ``paired_t_power(effect) = power``. NaN when
+    undefined."""
+    if n < 2 or not (sd > 0):
+        return math.nan
+    hi = sd  # grow the bracket until the power is reached (it tends to 1 as the effect grows)
+    while paired_t_power(hi, sd, n, alpha) < power:
+        hi *= 2.0
+    return float(optimize.brentq(lambda e: paired_t_power(e, sd, n, alpha) - power, 0.0, hi, xtol=1e-10))

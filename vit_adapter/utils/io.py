@@ -21,6 +21,20 @@ TEMP_NAME_RE = re.compile(r"^\..+\.tmp$")  # the temp files below: `.<name>.<ran
 _CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    """The process umask: from /proc on Linux (a read, safe beside other threads); elsewhere by setting it and
+    straight back, the only portable way to read it."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------------------------
@@ -38,6 +52,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        # mkstemp creates 0600; a result file should get what open() would give it (0666 minus the umask,
+        # 0644 by default), so that other users and a web server can read the runs.
+        os.chmod(tmp, 0o666 & ~_umask())
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
