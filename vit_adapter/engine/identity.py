@@ -8,10 +8,11 @@ A run (and a sweep study) is reused only when its *identity* is unchanged. The i
   the annotation/manifest files' bytes plus every other file's name and size),
 - a digest of the package code that computes it (every source file under ``vit_adapter/`` except those that
   only read results, plan or parse command lines: ``analysis/``, the sweep driver, ``cli.py``, ``plan.py``;
-  a sweep study adds the sweep driver back, see ``CODE_SCOPES``). Python modules are digested by *meaning*: their syntax tree with
-  docstrings removed (comments and formatting are not in the tree), so editing a comment, a docstring or the
-  layout keeps every identity, while any change to what executes (a statement, a name, a constant, a default,
-  an import) moves it. YAML files are digested as their parsed data; other files (C++ kernel sources) by bytes.
+  a sweep study adds the sweep driver back, see ``CODE_SCOPES``). Python modules are digested by *meaning*:
+  their syntax tree with docstrings removed (comments and formatting are not in the tree), so editing a
+  comment, a docstring or the layout keeps every identity, while any change to what executes (a statement, a
+  name, a constant, a default, an import) moves it. YAML files are digested as their parsed data; other files
+  (C++ kernel sources) by their bytes.
 
 So re-pretraining the weights at the same path, regenerating the data differently, or editing the code makes
 every dependent run (and sweep trial) stale, where a path-based config hash would have kept them.
