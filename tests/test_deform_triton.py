@@ -100,7 +100,8 @@ def test_backend_choice_on_cuda_and_forcing_by_env(
 ) -> None:
     monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
     cuda = torch.device("cuda")  # resolving needs no GPU: only availability checks run
-    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    assert not ops.triton_supports(cuda)  # this host has no GPU (nor a compute capability to read)
+    monkeypatch.setattr(ops, "triton_supports", lambda device: True)
     monkeypatch.setattr(ops, "mmcv_available", lambda: True)
     ops._announce_backend.cache_clear()
     with caplog.at_level("INFO"):
@@ -112,7 +113,8 @@ def test_backend_choice_on_cuda_and_forcing_by_env(
     monkeypatch.setenv(ops.ENV_BACKEND, "reference")
     assert ops.resolve_backend("cpu") == "reference"
     monkeypatch.setenv(ops.ENV_BACKEND, "auto")
-    monkeypatch.setattr(ops, "triton_available", lambda: False)  # no triton: mmcv, then the pure-PyTorch path
+    monkeypatch.setattr(ops, "triton_supports", lambda device: False)  # no triton: mmcv, then pure PyTorch
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
     assert ops.resolve_backend(cuda) == "mmcv"
     monkeypatch.setattr(ops, "mmcv_available", lambda: False)
     assert ops.resolve_backend(cuda) == "pytorch"

@@ -20,6 +20,7 @@ deciding per call lets one process (a test session) use the interpreter without 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Sequence
@@ -190,15 +191,16 @@ def _backward_kernel(
             g_py = a * (d_y1 - d_y0) * hf
             tl.store(grad_loc_ptr + 2 * k, g_px, mask=q_ok)
             tl.store(grad_loc_ptr + 2 * k + 1, g_py, mask=q_ok)
-            # Scatter attention * bilinear weight * grad_out into the 4 corner rows.
+            # Scatter attention * bilinear weight * grad_out into the 4 corner rows (relaxed: only the sums matter,
+            # as with CUDA's atomicAdd in the official op).
             a_y1 = a * fy
             a_y0 = a - a_y1
             w01 = a_y0 * fx
             w11 = a_y1 * fx
-            tl.atomic_add(grad_value_ptr + offs, (a_y0 - w01)[:, None] * g, mask=m00)
-            tl.atomic_add(grad_value_ptr + offs + step_x, w01[:, None] * g, mask=m01)
-            tl.atomic_add(grad_value_ptr + offs + step_y, (a_y1 - w11)[:, None] * g, mask=m10)
-            tl.atomic_add(grad_value_ptr + offs + step_y + step_x, w11[:, None] * g, mask=m11)
+            tl.atomic_add(grad_value_ptr + offs, (a_y0 - w01)[:, None] * g, mask=m00, sem="relaxed")
+            tl.atomic_add(grad_value_ptr + offs + step_x, w01[:, None] * g, mask=m01, sem="relaxed")
+            tl.atomic_add(grad_value_ptr + offs + step_y, (a_y1 - w11)[:, None] * g, mask=m10, sem="relaxed")
+            tl.atomic_add(grad_value_ptr + offs + step_y + step_x, w11[:, None] * g, mask=m11, sem="relaxed")
 
 
 @functools.cache
@@ -215,19 +217,27 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
             os.environ[ENV_INTERPRET] = previous
 
 
-def _blocks(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_Q, BLOCK_C): all channels of a head in one tile, about 4096 elements per program."""
+def _blocks(head_dim: int, elements: int) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_C): all channels of a head in one tile of about ``elements`` values per program. Not tuned
+    on a GPU yet (the project had none): 4096 forward, 2048 backward, which holds 5 such tiles live."""
     block_c = triton.next_power_of_2(head_dim)
-    return max(16, min(128, 4096 // block_c)), block_c
+    return max(16, min(128, elements // block_c)), block_c
 
 
-def check_device(device: torch.device) -> None:
+def supports(device: torch.device) -> bool:
+    """Whether the GPU compiler targets ``device``: CUDA of compute capability 7.0+ (the bar torch's inductor
+    applies to Triton). Never raises."""
+    try:
+        return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
+    except Exception:  # noqa: BLE001  no driver, no such device: not supported
+        return False
+
+
+def check_device(device: torch.device, what: str = "ms_deform_attn backend 'triton'") -> None:
     """Raise a one-line error unless the kernels can run on ``device`` (CUDA, or CPU under the interpreter)."""
     if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
         return
-    raise RuntimeError(
-        f"ms_deform_attn backend 'triton' needs CUDA tensors (got {device}); on CPU only under {ENV_INTERPRET}=1"
-    )
+    raise RuntimeError(f"{what} needs a CUDA device (got {device}); on CPU only under {ENV_INTERPRET}=1")
 
 
 def ms_deform_attn_triton(
@@ -241,12 +251,17 @@ def ms_deform_attn_triton(
     return _TritonDeformAttn.apply(value, sampling_locations, attention_weights, shapes, starts)
 
 
-def _launch_geometry(value: Tensor, loc: Tensor) -> tuple[dict[str, int], tuple[int, int]]:
+def _launch_geometry(value: Tensor, loc: Tensor, elements: int) -> tuple[dict[str, int], tuple[int, int]]:
     batch, _, heads, head_dim = value.shape
     n_query, n_levels, n_points = loc.shape[1], loc.shape[3], loc.shape[4]
-    block_q, block_c = _blocks(head_dim)
+    block_q, block_c = _blocks(head_dim, elements)
     meta = dict(HEADS=heads, HEAD_DIM=head_dim, N_LEVELS=n_levels, N_POINTS=n_points, BLOCK_Q=block_q, BLOCK_C=block_c)
     return meta, (triton.cdiv(n_query, block_q), batch * heads)
+
+
+def _on_device(t: Tensor) -> Any:
+    """Launch on the tensors' GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 class _TritonDeformAttn(torch.autograd.Function):
@@ -258,9 +273,10 @@ class _TritonDeformAttn(torch.autograd.Function):
         batch, n_value, heads, head_dim = value.shape
         n_query = loc.shape[1]
         out = value.new_empty(batch, n_query, heads, head_dim)
-        meta, grid = _launch_geometry(value, loc)
+        meta, grid = _launch_geometry(value, loc, 4096)
         forward, _ = _kernels(value.device.type == "cpu" or interpreter_enabled())
-        forward[grid](value, shapes, starts, loc, attn, out, n_query, n_value, **meta)
+        with _on_device(value):
+            forward[grid](value, shapes, starts, loc, attn, out, n_query, n_value, **meta)
         ctx.save_for_backward(value, loc, attn, shapes, starts)
         return out.view(batch, n_query, heads * head_dim)
 
@@ -272,12 +288,13 @@ class _TritonDeformAttn(torch.autograd.Function):
         grad_value = torch.zeros_like(value)  # atomic adds accumulate into it
         grad_loc = torch.empty_like(loc)
         grad_attn = torch.empty_like(attn)
-        meta, grid = _launch_geometry(value, loc)
+        meta, grid = _launch_geometry(value, loc, 2048)
         _, backward = _kernels(value.device.type == "cpu" or interpreter_enabled())
         n_query, n_value = loc.shape[1], value.shape[1]
-        backward[grid](
-            grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn, n_query, n_value, **meta
-        )
+        with _on_device(value):
+            backward[grid](
+                grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn, n_query, n_value, **meta
+            )
         need = ctx.needs_input_grad
         return (
             grad_value if need[0] else None,

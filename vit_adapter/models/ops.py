@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention core (reference §1.7), pure PyTorch with an optional mmcv backend.
+"""Multi-scale deformable attention core (reference §1.7): pure PyTorch, a compiled CPU kernel, Triton, mmcv.
 
 `ms_deform_attn` has the tensor contract of the official `ms_deform_attn_core_pytorch` and of mmcv's
 `multi_scale_deformable_attn_pytorch`:
@@ -21,11 +21,12 @@ Backends:
 - "mmcv"      mmcv's compiled `MultiScaleDeformableAttnFunction`; CUDA tensors only, optional extra.
 - "triton"    the Triton kernels (`deform_triton`), compiled at first use: CUDA tensors, or CPU tensors under
               `TRITON_INTERPRET=1` (Triton's interpreter, how the tests run it).
-- "auto"      CUDA: "triton" when triton imports, else "mmcv" when it imports, else "pytorch". CPU: "cpp" when
-              the kernel builds, else "pytorch". `$VIT_ADAPTER_DEFORM_BACKEND` = auto | cpp | torch | pytorch |
-              triton | mmcv | reference overrides what "auto" picks (a forced backend that cannot run on the
-              device fails with a one-line error; "cpp" on CUDA means the pure-PyTorch path, the compiled kernel
-              being CPU-only). The first call that resolves "auto" prints one line naming the backend.
+- "auto"      CUDA: "triton" when triton imports and the GPU has compute capability 7.0+, else "mmcv" when it
+              imports, else "pytorch". CPU: "cpp" when the kernel builds, else "pytorch".
+              `$VIT_ADAPTER_DEFORM_BACKEND` = auto | cpp | torch | pytorch | triton | mmcv | reference overrides
+              what "auto" picks (a forced backend that cannot run on the device fails with a one-line error; "cpp"
+              on CUDA means the pure-PyTorch path, the compiled kernel being CPU-only). The first call that
+              resolves "auto" prints one line naming the backend.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ __all__ = [
     "mmcv_available",
     "resolve_backend",
     "triton_available",
+    "triton_supports",
 ]
 
 BACKENDS = ("auto", "cpp", "pytorch", "reference", "mmcv", "triton")
@@ -142,7 +144,7 @@ def resolve_backend(device: torch.device | str = "cpu") -> str:
         _require_mmcv(device, f"{ENV_BACKEND}=mmcv")
         backend = "mmcv"
     elif device.type == "cuda":  # auto, or cpp (CPU-only; there it means "not triton/mmcv")
-        if choice == "auto" and triton_available():
+        if choice == "auto" and triton_supports(device):
             backend = "triton"
         elif choice == "auto" and mmcv_available():
             backend = "mmcv"
@@ -194,8 +196,19 @@ def _require_triton(device: torch.device, what: str) -> None:
         raise BackendUnavailable(f"{what}: triton is not importable; install it (it comes with CUDA torch wheels)")
     from . import deform_triton
 
-    if not (device.type == "cuda" or (device.type == "cpu" and deform_triton.interpreter_enabled())):
-        raise BackendUnavailable(f"{what} needs a CUDA device (got {device}); on CPU only under TRITON_INTERPRET=1")
+    try:
+        deform_triton.check_device(device, what)
+    except RuntimeError as err:
+        raise BackendUnavailable(str(err)) from None
+
+
+def triton_supports(device: torch.device) -> bool:
+    """Whether "auto" may pick the Triton kernels on this CUDA device (compute capability 7.0+). Never raises."""
+    if not triton_available():
+        return False
+    from . import deform_triton
+
+    return deform_triton.supports(device)
 
 
 def _require_mmcv(device: torch.device, what: str) -> None:
