@@ -245,10 +245,17 @@ def ms_deform_attn_triton(
 ) -> Tensor:
     """Raw backend like ``ops.ms_deform_attn_pytorch``: validated inputs of one float dtype (fp32 or float64)."""
     check_device(value.device)
-    shapes = torch.tensor([[int(h), int(w)] for h, w in spatial_shapes], dtype=torch.int64, device=value.device)
-    sizes = shapes[:, 0] * shapes[:, 1]
-    starts = torch.cumsum(sizes, 0) - sizes
+    shapes, starts = _level_tables(tuple((int(h), int(w)) for h, w in spatial_shapes), value.device)
     return _TritonDeformAttn.apply(value, sampling_locations, attention_weights, shapes, starts)
+
+
+@functools.lru_cache(maxsize=64)
+def _level_tables(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(L, 2) H, W and (L,) first tokens as int64 on ``device``, cached: no host-to-device copy per call."""
+    with torch.inference_mode(False):  # usable by later autograd-enabled calls
+        table = torch.tensor(shapes, dtype=torch.int64)
+        sizes = table[:, 0] * table[:, 1]
+        return table.to(device), (torch.cumsum(sizes, 0) - sizes).to(device)
 
 
 def _launch_geometry(value: Tensor, loc: Tensor, elements: int) -> tuple[dict[str, int], tuple[int, int]]:
