@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention core (reference §1.7), pure PyTorch with an optional mmcv backend.
+"""Multi-scale deformable attention core (reference §1.7): pure PyTorch, a compiled CPU kernel, Triton, mmcv.
 
 `ms_deform_attn` has the tensor contract of the official `ms_deform_attn_core_pytorch` and of mmcv's
 `multi_scale_deformable_attn_pytorch`:
@@ -19,17 +19,20 @@ Backends:
 - "pytorch"   the fast pure-PyTorch path below, a weighted `embedding_bag` over bilinear corners; the fallback.
 - "reference" the straightforward per-level `grid_sample` algorithm of the official repo; kept as the yardstick.
 - "mmcv"      mmcv's compiled `MultiScaleDeformableAttnFunction`; CUDA tensors only, optional extra.
-- "auto"      CUDA: "mmcv" when it imports, else "pytorch". CPU: "cpp" when the kernel builds, else "pytorch".
-              `$VIT_ADAPTER_DEFORM_BACKEND` = auto | cpp | torch overrides what "auto" picks ("cpp" then fails
-              loudly if the kernel cannot be built). The first call that resolves "auto" prints one line naming the
-              backend.
+- "triton"    the Triton kernels (`deform_triton`), compiled at first use: CUDA tensors, or CPU tensors under
+              `TRITON_INTERPRET=1` (Triton's interpreter, how the tests run it).
+- "auto"      CUDA: "triton" when triton imports and the GPU has compute capability 7.0+, else "mmcv" when it
+              imports, else "pytorch". CPU: "cpp" when the kernel builds, else "pytorch".
+              `$VIT_ADAPTER_DEFORM_BACKEND` = auto | cpp | torch | pytorch | triton | mmcv | reference overrides
+              what "auto" picks (a forced backend that cannot run on the device fails with a one-line error; "cpp"
+              on CUDA means the pure-PyTorch path, the compiled kernel being CPU-only). The first call that
+              resolves "auto" prints one line naming the backend.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import operator
 import os
 import warnings
 from collections.abc import Sequence
@@ -42,10 +45,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import deform_ext
+from .deform_checks import SpatialShapes
+from .deform_checks import check_inputs as _check_inputs
+from .deform_checks import level_starts as _level_starts
+from .deform_checks import shapes_as_tuples as _shapes_as_tuples
 
 __all__ = [
     "BACKENDS",
     "ENV_BACKEND",
+    "BackendUnavailable",
     "cpp_available",
     "ms_deform_attn",
     "ms_deform_attn_cpp",
@@ -53,15 +61,28 @@ __all__ = [
     "ms_deform_attn_pytorch",
     "mmcv_available",
     "resolve_backend",
+    "triton_available",
+    "triton_supports",
 ]
 
-BACKENDS = ("auto", "cpp", "pytorch", "reference", "mmcv")
+BACKENDS = ("auto", "cpp", "pytorch", "reference", "mmcv", "triton")
 ENV_BACKEND = "VIT_ADAPTER_DEFORM_BACKEND"
-_ENV_CHOICES = {"auto": "auto", "cpp": "cpp", "torch": "pytorch", "pytorch": "pytorch"}
+_ENV_CHOICES = {
+    "auto": "auto",
+    "cpp": "cpp",
+    "torch": "pytorch",
+    "pytorch": "pytorch",
+    "triton": "triton",
+    "mmcv": "mmcv",
+    "reference": "reference",
+}
 # The official module passes im2col_step=64 to the CUDA op (reference §1.7).
 MMCV_IM2COL_STEP = 64
 
-SpatialShapes = Tensor | Sequence[Sequence[int]]
+
+class BackendUnavailable(RuntimeError, ValueError):
+    """A requested backend cannot run here. A RuntimeError for callers of the op, and a ValueError so that the
+    CLI reports a bad ``$VIT_ADAPTER_DEFORM_BACKEND`` as its one-line ``error: ...`` like any other bad input."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -97,23 +118,39 @@ def ms_deform_attn(
             return ms_deform_attn_pytorch(value, shapes, sampling_locations, attention_weights)
         if backend == "reference":
             return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
+        if backend == "triton":
+            return _ms_deform_attn_triton(value, shapes, sampling_locations, attention_weights)
         return _ms_deform_attn_mmcv(value, spatial_shapes, shapes, sampling_locations, attention_weights)
 
 
 def resolve_backend(device: torch.device | str = "cpu") -> str:
-    """The backend "auto" runs on ``device``, honouring ``$VIT_ADAPTER_DEFORM_BACKEND`` (auto | cpp | torch).
+    """The backend "auto" runs on ``device``, honouring ``$VIT_ADAPTER_DEFORM_BACKEND`` (see the module docstring).
 
     Read on every call (a dict lookup), so a test or a launcher can switch it; the choice is announced once per
-    (device type, backend) in the process.
+    (device type, backend) in the process. An unknown value raises ValueError, a forced backend that cannot run
+    on ``device`` raises `BackendUnavailable`; both one line.
     """
     device = torch.device(device)
     raw = os.environ.get(ENV_BACKEND, "").strip().lower() or "auto"
     if raw not in _ENV_CHOICES:
-        raise ValueError(f"{ENV_BACKEND}={raw!r}; expected one of auto, cpp, torch")
+        raise ValueError(f"{ENV_BACKEND}={raw!r}; expected one of auto, cpp, torch, pytorch, triton, mmcv, reference")
     choice = _ENV_CHOICES[raw]
-    if device.type == "cuda":  # the compiled kernel is CPU-only; "cpp" there means "not mmcv"
-        backend = "mmcv" if choice == "auto" and mmcv_available() else "pytorch"
-    elif device.type != "cpu":  # other accelerators: the pure-PyTorch path is the only one that runs there
+    if choice in ("pytorch", "reference"):  # run on every device
+        backend = choice
+    elif choice == "triton":
+        _require_triton(device, f"{ENV_BACKEND}=triton")
+        backend = "triton"
+    elif choice == "mmcv":
+        _require_mmcv(device, f"{ENV_BACKEND}=mmcv")
+        backend = "mmcv"
+    elif device.type == "cuda":  # auto, or cpp (CPU-only; there it means "not triton/mmcv")
+        if choice == "auto" and triton_supports(device):
+            backend = "triton"
+        elif choice == "auto" and mmcv_available():
+            backend = "mmcv"
+        else:
+            backend = "pytorch"
+    elif device.type != "cpu":  # other accelerators: the pure-PyTorch path is the only fast one that runs there
         backend = "pytorch"
     elif choice == "auto":
         backend = "cpp" if cpp_available() else "pytorch"
@@ -131,6 +168,8 @@ def _announce_backend(device_type: str, backend: str, requested: str) -> None:
         "cpp": "compiled CPU kernel",
         "pytorch": "pure-PyTorch embedding_bag path",
         "mmcv": "mmcv CUDA op",
+        "triton": "Triton kernel" + (" under the interpreter" if device_type == "cpu" else ""),
+        "reference": "per-level grid_sample reference",
     }.get(backend, backend)
     deform_ext.announce(f"ms_deform_attn backend on {device_type}: {backend} ({detail}; {ENV_BACKEND}={requested})")
 
@@ -138,6 +177,48 @@ def _announce_backend(device_type: str, backend: str, requested: str) -> None:
 def cpp_available() -> bool:
     """True when the compiled CPU kernel is built (or builds now, on first call) and loads. Never raises."""
     return deform_ext.load_kernel() is not None
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when triton and the kernel module import (it needs a GPU or the interpreter only to run). Never raises."""
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return False
+        from . import deform_triton  # noqa: F401
+    except Exception:  # a broken triton install fails in many ways (ImportError, OSError, AttributeError, ...)
+        return False
+    return True
+
+
+def _require_triton(device: torch.device, what: str) -> None:
+    if not triton_available():
+        raise BackendUnavailable(f"{what}: triton is not importable; install it (it comes with CUDA torch wheels)")
+    from . import deform_triton
+
+    try:
+        deform_triton.check_device(device, what)
+    except RuntimeError as err:
+        raise BackendUnavailable(str(err)) from None
+
+
+def triton_supports(device: torch.device) -> bool:
+    """Whether "auto" may pick the Triton kernels on this CUDA device (compute capability 7.0+). Never raises."""
+    if not triton_available():
+        return False
+    from . import deform_triton
+
+    return deform_triton.supports(device)
+
+
+def _require_mmcv(device: torch.device, what: str) -> None:
+    if not mmcv_available():
+        raise BackendUnavailable(
+            f"{what} requested but mmcv.ops is not importable; install the optional extra (pip install "
+            "'.[mmcv]', a CUDA build) or use backend='pytorch'"
+        )
+    if device.type != "cuda":
+        raise BackendUnavailable(f"{what} needs CUDA tensors; use backend='pytorch' on CPU")
 
 
 @functools.cache
@@ -463,7 +544,20 @@ def ms_deform_attn_reference(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# mmcv path
+# Triton and mmcv paths
+# --------------------------------------------------------------------------------------------------------------
+def _ms_deform_attn_triton(
+    value: Tensor, shapes: Sequence[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    _require_triton(value.device, "ms_deform_attn backend 'triton'")
+    if value.numel() == 0 or sampling_locations.numel() == 0:  # no programs to launch; the simple path copes
+        return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
+    from .deform_triton import ms_deform_attn_triton
+
+    return ms_deform_attn_triton(value, shapes, sampling_locations, attention_weights)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # --------------------------------------------------------------------------------------------------------------
 def _ms_deform_attn_mmcv(
     value: Tensor,
@@ -472,13 +566,7 @@ def _ms_deform_attn_mmcv(
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    if not mmcv_available():
-        raise RuntimeError(
-            "ms_deform_attn backend 'mmcv' requested but mmcv.ops is not importable; install the optional "
-            "extra (pip install '.[mmcv]', a CUDA build) or use backend='pytorch'"
-        )
-    if not value.is_cuda:
-        raise RuntimeError("ms_deform_attn backend 'mmcv' needs CUDA tensors; use backend='pytorch' on CPU")
+    _require_mmcv(value.device, "ms_deform_attn backend 'mmcv'")
     from mmcv.ops.multi_scale_deform_attn import MultiScaleDeformableAttnFunction
 
     if isinstance(spatial_shapes, Tensor):
@@ -490,78 +578,3 @@ def _ms_deform_attn_mmcv(
         value, shapes_t, starts, sampling_locations, attention_weights, MMCV_IM2COL_STEP
     )
     return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Validation helpers
-# --------------------------------------------------------------------------------------------------------------
-def _level_starts(shapes: Sequence[tuple[int, int]]) -> list[int]:
-    starts, total = [], 0
-    for h, w in shapes:
-        starts.append(total)
-        total += h * w
-    return starts
-
-
-def _shapes_as_tuples(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
-    """(L, 2) LongTensor or sequence of (H, W) -> list of python int pairs (one host sync for tensors)."""
-    if isinstance(spatial_shapes, Tensor):
-        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-            raise ValueError(f"spatial_shapes must have shape (L, 2), got {tuple(spatial_shapes.shape)}")
-        if spatial_shapes.is_floating_point() or spatial_shapes.is_complex():
-            raise ValueError(f"spatial_shapes must be an integer tensor, got {spatial_shapes.dtype}")
-        pairs = spatial_shapes.tolist()
-    else:
-        try:
-            pairs = [tuple(p) for p in spatial_shapes]
-        except TypeError as err:
-            raise ValueError(f"spatial_shapes must be a sequence of (H, W) pairs, got {spatial_shapes!r}") from err
-    shapes = []
-    for pair in pairs:
-        try:
-            h, w = (operator.index(v) for v in pair)  # ints, numpy ints; not floats or bools-as-pairs
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"spatial_shapes entries must be (H, W) int pairs, got {pair!r}") from err
-        if h <= 0 or w <= 0:
-            raise ValueError(f"spatial_shapes entries must be positive, got {pair!r}")
-        shapes.append((h, w))
-    if not shapes:
-        raise ValueError("spatial_shapes is empty; need at least one level")
-    return shapes
-
-
-def _check_inputs(
-    value: Tensor, shapes: Sequence[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
-) -> None:
-    for name, t, dims in (
-        ("value", value, 4),
-        ("sampling_locations", sampling_locations, 6),
-        ("attention_weights", attention_weights, 5),
-    ):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != dims:
-            raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != value.device:
-            raise ValueError(f"{name} is on {t.device} but value is on {value.device}")
-    batch, length, heads, _ = value.shape
-    expected_length = sum(h * w for h, w in shapes)
-    if length != expected_length:
-        raise ValueError(f"value length {length} != sum(H*W) = {expected_length} of spatial_shapes {list(shapes)}")
-    b, n_query, m, n_levels, n_points, two = sampling_locations.shape
-    if two != 2:
-        raise ValueError(f"sampling_locations last dim must be 2 (x, y), got {two}")
-    if b != batch:
-        raise ValueError(f"batch mismatch: value has {batch}, sampling_locations has {b}")
-    if m != heads:
-        raise ValueError(f"heads mismatch: value has {heads}, sampling_locations has {m}")
-    if n_levels != len(shapes):
-        raise ValueError(f"levels mismatch: spatial_shapes has {len(shapes)}, sampling_locations has {n_levels}")
-    expected = (batch, n_query, heads, n_levels, n_points)
-    if tuple(attention_weights.shape) != expected:
-        raise ValueError(
-            f"attention_weights shape {tuple(attention_weights.shape)} != {expected} implied by "
-            "sampling_locations (B, Lq, M, L, P)"
-        )
