@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+
 @dataclass(frozen=True)
 class SceneConfig:
     """Every knob of a scene. ``from_difficulty`` sets the defaults that trade ease for spatial detail."""
