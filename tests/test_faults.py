@@ -216,10 +216,10 @@ def test_3_out_that_cannot_be_written_is_one_line(tmp_path, data_root, capsys) -
     blocker.write_text("x")
     code, err = _cli(_train(blocker / "run", data_root), capsys)  # a path under a regular file
     assert code == 2
-    _one_line(err, f"File exists: {blocker}")
+    _one_line(err, f"{blocker} is a file, not a directory")  # B27: names the file in the way
     code, err = _cli(["data", "--out", str(blocker / "gen"), "--set", "data.n_train=2"], capsys)
     assert code == 2
-    _one_line(err, f"File exists: {blocker}")
+    _one_line(err, f"{blocker} is a file, not a directory")  # B27: names the file in the way
     code, err = _cli(["fetch-weights", str(blocker), "--out", str(tmp_path)], capsys)
     assert code == 2
     _one_line(err, "output must be a .safetensors file")

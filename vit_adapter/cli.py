@@ -325,16 +325,17 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(msg).split())  # chained or multi-line library messages stay on one line
 
 
-def check_out_path(out: Path, flag: str) -> None:
-    """Refuse, as one line, an output path that could only fail later and less clearly: one that names no
-    directory of its own (`.`), one below a file, one that is not UTF-8 (logging and JSON cannot write it)."""
+def check_out_path(out: Path, flag: str, directory: bool = True) -> None:
+    """Refuse, as one line, an output path that could only fail later and less clearly: one below a file, one
+    that is not UTF-8 (logging and JSON cannot write it) and, for a ``directory`` (a run or dataset, built
+    beside it and renamed), one that names no directory of its own (`.`)."""
     try:
         str(out).encode("utf-8")
     except UnicodeEncodeError:
         raise UsageError(
             f"{flag} {str(out)!r} is not valid UTF-8 (a byte of the name is not UTF-8); pick a UTF-8 name"
         ) from None
-    if out.name in ("", ".", ".."):
+    if directory and out.name in ("", ".", ".."):
         raise UsageError(
             f"{flag} {str(out)!r} names no directory of its own (the work happens beside it, in <name>.partial "
             "or .<name>.tmp-*); give a new directory such as runs/x"
@@ -365,8 +366,8 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if isinstance(getattr(args, "out", None), Path):
-            check_out_path(args.out, "--out")
+        if isinstance(getattr(args, "out", None), Path):  # eval, fetch-weights and pretrain write a file there
+            check_out_path(args.out, "--out", directory=args.command in ("train", "data"))
         return int(args.func(args))
     except StopTraining as err:  # SIGINT/SIGTERM during training: the last checkpoint is kept
         print(f"vit-adapter {args.command}: {_one_line(err)}", file=sys.stderr)
