@@ -194,12 +194,15 @@ def test_yaml_file_exponent_float(tmp_path: Path) -> None:
 
 
 def test_layers_apply_in_order(tmp_path: Path) -> None:
-    a = _write(tmp_path / "a.yaml", "train:\n  seed: 1\n  max_iters: 10\ndata:\n  generator: {a: 1, b: 2}\n")
-    b = _write(tmp_path / "b.yaml", "train:\n  seed: 2\ndata:\n  generator: {b: 3}\n")
-    cfg = load_config("cpu_default", [a, b], ["train.seed=3", "data.generator.c=4"])
+    a = _write(
+        tmp_path / "a.yaml",
+        "train:\n  seed: 1\n  max_iters: 10\ndata:\n  generator: {small_prob: 0.1, thin_prob: 0.2}\n",
+    )
+    b = _write(tmp_path / "b.yaml", "train:\n  seed: 2\ndata:\n  generator: {thin_prob: 0.3}\n")
+    cfg = load_config("cpu_default", [a, b], ["train.seed=3", "data.generator.noise_std=4"])
     assert cfg.train.seed == 3  # --set beats overlays
     assert cfg.train.max_iters == 10  # untouched by b
-    assert cfg.data.generator == {"a": 1, "b": 3, "c": 4}  # nested dicts merge key by key
+    assert cfg.data.generator == {"small_prob": 0.1, "thin_prob": 0.3, "noise_std": 4}  # nested dicts merge key by key
     assert load_config("cpu_default", [b, a]).train.seed == 1
 
 
@@ -275,7 +278,7 @@ def test_malformed_inputs(tmp_path: Path) -> None:
 
 
 def test_save_load_round_trip_and_hash(tmp_path: Path) -> None:
-    cfg = load_config("coco_maskrcnn_1x_s", ["n2"], ["data.generator.k=[1, 2]"])
+    cfg = load_config("coco_maskrcnn_1x_s", ["n2"], ["data.generator.clutter=[1, 2]"])
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(path) == cfg
     assert config_from_dict(yaml.safe_load(path.read_text())) == cfg
@@ -287,7 +290,7 @@ def test_save_load_round_trip_and_hash(tmp_path: Path) -> None:
     assert config_hash(load_config("coco_maskrcnn_1x_s", ["n2"], ["train.seed=1"])) != config_hash(cfg)
     assert len(config_hash(cfg)) == 64
     # Execution-only settings can be left out of the identity (resume on another machine).
-    moved = load_config("coco_maskrcnn_1x_s", ["n2"], ["data.generator.k=[1, 2]", "train.threads=1"])
+    moved = load_config("coco_maskrcnn_1x_s", ["n2"], ["data.generator.clutter=[1, 2]", "train.threads=1"])
     assert config_hash(moved) != config_hash(cfg)
     assert config_hash(moved, exclude=EXECUTION_KEYS) == config_hash(cfg, exclude=EXECUTION_KEYS)
     with pytest.raises(ConfigError, match="unknown key 'train.nope'"):

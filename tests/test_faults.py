@@ -216,10 +216,10 @@ def test_3_out_that_cannot_be_written_is_one_line(tmp_path, data_root, capsys) -
     blocker.write_text("x")
     code, err = _cli(_train(blocker / "run", data_root), capsys)  # a path under a regular file
     assert code == 2
-    _one_line(err, f"File exists: {blocker}")
+    _one_line(err, f"{blocker} is a file, not a directory")  # B27: names the file in the way
     code, err = _cli(["data", "--out", str(blocker / "gen"), "--set", "data.n_train=2"], capsys)
     assert code == 2
-    _one_line(err, f"File exists: {blocker}")
+    _one_line(err, f"{blocker} is a file, not a directory")  # B27: names the file in the way
     code, err = _cli(["fetch-weights", str(blocker), "--out", str(tmp_path)], capsys)
     assert code == 2
     _one_line(err, "output must be a .safetensors file")
@@ -365,25 +365,7 @@ def test_9_non_finite_config_values_are_rejected_by_name(tmp_path, data_root, ca
 # 10. data: stale temp dirs cleaned, --workers checked; one rule for relative paths
 
 
-def test_10_data_cleans_stale_temps_and_checks_workers(tmp_path, capsys) -> None:
-    root = tmp_path / "gen"
-    stale = tmp_path / ".gen.tmp-k1ll3d"
-    (stale / "train2017").mkdir(parents=True)
-    (stale / "train2017" / "000000000001.png").write_bytes(b"half")
-    code, err = _cli(["data", "--out", str(root), "--workers", "-3"], capsys)
-    assert code == 2
-    _one_line(err, "--workers must be >= 1, got -3")
-    small = ["--set", "data.n_train=2", "--set", "data.n_val=1", "--set", "data.image_size=64"]
-    code, err = _cli(["data", "--out", str(root), *small], capsys)
-    assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]  # stale temp gone, no lock left
-    assert (root / "manifest.json").is_file()
-    # Other parameters: refused without --overwrite, replaced with it (it is a dataset this tool wrote).
-    code, err = _cli(["data", "--out", str(root), *small, "--data-seed", "1"], capsys)
-    assert code == 2
-    _one_line(err, "holds a dataset generated with other parameters; pass --overwrite")
-    assert _cli(["data", "--out", str(root), *small, "--data-seed", "1", "--overwrite"], capsys)[0] == 0
-    assert json.loads((root / "manifest.json").read_text())["params"]["seed"] == 1
+# The stale-temp and --workers checks of `data` moved to tests/test_faults_input.py (test_b3_*).
 
 
 def test_10_relative_paths_resolve_against_the_working_directory(tmp_path, data_root, monkeypatch) -> None:

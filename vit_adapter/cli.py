@@ -80,7 +80,7 @@ def _adapter_flag_names() -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import generate_dataset
+    from .data.synth import ensure_dataset
     from .engine.build import DEFAULT_ROOTS
     from .engine.config import config_from_args
 
@@ -91,8 +91,9 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise UsageError(f"`data` generates the synthetic set; the profile's data.dataset is {cfg.data.dataset!r}")
     # Relative to the working directory, like data.root when training reads it (docs/faults.md).
     root = args.out or Path(cfg.data.root or DEFAULT_ROOTS["generated"]).expanduser()
+    check_out_path(root, "--out" if args.out else "data.root")
     gen = dict(cfg.data.generator)
-    manifest = generate_dataset(
+    manifest, reused = ensure_dataset(
         root,
         n_train=cfg.data.n_train or 0,
         n_val=cfg.data.n_val or 0,
@@ -104,7 +105,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         **gen,
     )
     n = len(manifest.get("files", {}))
-    print(f"dataset at {root}: {cfg.data.n_train} train + {cfg.data.n_val} val images, {n} files")
+    how = "reused (it already holds a dataset with these parameters; nothing generated)" if reused else "generated"
+    print(f"dataset at {root}: {cfg.data.n_train} train + {cfg.data.n_val} val images, {n} files, {how}")
     return 0
 
 
@@ -145,11 +147,23 @@ def _missing_weights(cfg: Any) -> Path | None:
     return None if path.is_file() else path
 
 
+def default_run_dir(args: argparse.Namespace, seed: int) -> Path:
+    """`runs/<profile>/<variant>-s<seed>` under the working directory (mmdet's work_dirs habit): the profile's
+    and overlays' file stems, `base` for the profile without an overlay."""
+    profile = Path(str(args.config)).stem
+    variant = "+".join(Path(str(o)).stem for o in args.overlays) or "base"
+    return Path("runs") / profile / f"{variant}-s{seed}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine.trainer import train
     from .engine.weights import WeightsError
 
     cfg = _train_config(args)
+    if args.out is None:
+        args.out = default_run_dir(args, cfg.train.seed)
+        check_out_path(args.out, "--out")
+        print(f"vit-adapter train: no --out given; the run goes to {args.out}", file=sys.stderr)
     try:
         result = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
     except WeightsError as err:
@@ -269,7 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_args(p)
         p.add_argument("--seed", type=int, default=None, help="shortcut for --set train.seed=N")
         if name == "train":
-            p.add_argument("--out", type=Path, required=True, help="run directory (work happens in <out>.partial)")
+            p.add_argument(
+                "--out",
+                type=Path,
+                default=None,
+                help="run directory (work happens in <out>.partial); default runs/<profile>/<overlays or base>-s<seed>",
+            )
             p.add_argument("--no-resume", action="store_true", help="discard <out>.partial instead of resuming")
             p.add_argument("--overwrite", action="store_true", help="replace a finished run directory")
             p.add_argument("--quiet", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
@@ -321,7 +340,38 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(msg).split())  # chained or multi-line library messages stay on one line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def check_out_path(out: Path, flag: str, directory: bool = True) -> None:
+    """Refuse, as one line, an output path that could only fail later and less clearly: one below a file, one
+    that is not UTF-8 (logging and JSON cannot write it) and, for a ``directory`` (a run or dataset, built
+    beside it and renamed), one that names no directory of its own (`.`)."""
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(
+            f"{flag} {str(out)!r} is not valid UTF-8 (a byte of the name is not UTF-8); pick a UTF-8 name"
+        ) from None
+    if directory and out.name in ("", ".", ".."):
+        raise UsageError(
+            f"{flag} {str(out)!r} names no directory of its own (the work happens beside it, in <name>.partial "
+            "or .<name>.tmp-*); give a new directory such as runs/x"
+        )
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {out}: {parent} is a file, not a directory; pick a path below a directory")
+            return
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is (like KeyboardInterrupt for SIGINT), so that `finally` blocks remove
+    temp directories and the CLI exits 143 with one line. A BaseException, so `except Exception` lets it pass."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     import signal
 
     from .engine.rundir import RunDirError
@@ -331,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if isinstance(getattr(args, "out", None), Path):  # eval, fetch-weights and pretrain write a file there
+            check_out_path(args.out, "--out", directory=args.command in ("train", "data"))
         return int(args.func(args))
     except StopTraining as err:  # SIGINT/SIGTERM during training: the last checkpoint is kept
         print(f"vit-adapter {args.command}: {_one_line(err)}", file=sys.stderr)
@@ -338,11 +390,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the trainer's handlers are in place (or outside training)
         print(f"vit-adapter {args.command}: interrupted; rerun the same command", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"vit-adapter {args.command}: terminated (SIGTERM); rerun the same command", file=sys.stderr)
+        return 143
     # Bad input and faults the user can fix (ValueError covers ConfigError, DataError, WeightsError,
     # CheckpointError and DivergedError; OSError a full disk, a read-only or non-directory --out): one line.
     except (ValueError, OSError, KeyError, RunDirError, DirectoryInUseError) as err:
         print(f"vit-adapter {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI. SIGINT and SIGTERM are handled from the first line on, so a Ctrl-C during the imports (torch
+    takes seconds) ends with one line and 130, not a traceback."""
+    import signal
+    import threading
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # while importing or parsing: nothing was written yet
+        print("vit-adapter: interrupted while starting; nothing was written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("vit-adapter: terminated (SIGTERM) while starting; nothing was written", file=sys.stderr)
+        return 143
+    finally:
+        if in_main_thread:  # in-process callers (tests) get their handler back; None: one not set from Python
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,11 @@ def read_yaml(path: str | Path) -> Any:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:  # a ValueError that would otherwise name no file
+        byte = exc.object[exc.start : exc.start + 1].hex()
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{byte} at offset {exc.start}); save it as UTF-8"
+        ) from exc
     return parse_yaml(text, str(path))
 
 

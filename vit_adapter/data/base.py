@@ -46,6 +46,9 @@ class EpochDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self._cache: dict[int, Sample] | None = {} if cache else None
+        if max_images is not None and (isinstance(max_images, bool) or max_images < 1):
+            # items[:-1] would silently drop the last image and items[:0] leave nothing to train or evaluate on.
+            raise ValueError(f"max_images must be >= 1 or None (all images), got {max_images!r}")
         self._max_images = max_images
         self.scan_on_init = bool(scan)
 

@@ -12,10 +12,10 @@ import math
 import os
 import shutil
 import sys
-import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import PIL
@@ -26,7 +26,10 @@ from ..utils.io import json_bytes, sha256_bytes, sha256_file
 from ..utils.locks import DirLock
 from . import render
 from ._io import DataError, load_json, png_bytes
+from .pool import render_pool
+from .scene import SceneConfig
 from .sources import Silhouettes, Texture, load_silhouettes, load_textures, textures_fingerprint
+from .workdirs import CONTENT, make_workdir, remove_stale_workdirs, swap_into_place
 
 FORMAT_VERSION = 1
 GENERATOR = "vit_adapter.data.synth"
@@ -36,87 +39,6 @@ ADE_DIRS = {"train": "training", "val": "validation"}
 ADE_ROOT = "ADEChallengeData2016"
 BACKGROUND_VALUE = 0  # semantic PNG value for "no object" (ADE20K uses 0 for "other", see docs/data.md)
 IGNORE_INDEX = 255
-
-
-@dataclass(frozen=True)
-class SceneConfig:
-    """Every knob of a scene. ``from_difficulty`` sets the defaults that trade ease for spatial detail."""
-
-    image_size: tuple[int, int] = (128, 128)  # (H, W)
-    objects_per_image: tuple[int, int] = (2, 6)  # inclusive range of (non-crowd) objects
-    scale_range: tuple[float, float] = (0.15, 0.5)  # object box side as a fraction of min(H, W)
-    small_prob: float = 0.25  # chance that an object is tiny, i.e. smaller than one 16-px ViT patch
-    small_px: tuple[int, int] = (6, 15)  # side range (px) of tiny objects
-    thin_prob: float = 0.15  # chance of squashing an item 2.5-4x along one axis (1-3 px wide parts)
-    camouflage_prob: float = 0.15  # chance the item is filled with the surrounding texture, colour nudged
-    textured_fill_prob: float = 0.25  # chance the item is filled with another texture instead of a colour
-    clutter: tuple[int, int] = (1, 5)  # inclusive range of unlabelled strokes/shapes/blobs per image
-    second_texture_prob: float = 0.4  # chance of a second background texture across a straight boundary
-    crowd_prob: float = 0.1  # chance of one iscrowd=1 group of tiny same-class items
-    max_rotation: float = 30.0  # degrees
-    min_visible_frac: float = 0.45  # an occluded/truncated object keeps at least this fraction of its area
-    min_visible_px: int = 6
-    noise_std: float = 3.0  # Gaussian sensor noise (0..255 scale)
-    mask_format: Literal["rle", "polygon"] = "rle"  # COCO segmentation of non-crowd objects
-
-    @classmethod
-    def from_difficulty(cls, difficulty: float = 0.5, **overrides: Any) -> SceneConfig:
-        """Defaults scaled by ``difficulty`` in [0, 1]; any field may still be overridden by keyword."""
-        d = float(difficulty)
-        if not 0.0 <= d <= 1.0:
-            raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
-        base = dict(
-            small_prob=0.1 + 0.3 * d,
-            thin_prob=0.3 * d,
-            camouflage_prob=0.3 * d,
-            textured_fill_prob=0.1 + 0.3 * d,
-            clutter=(round(2 * d), round(2 + 6 * d)),
-            second_texture_prob=0.2 + 0.4 * d,
-            noise_std=1.0 + 4.0 * d,
-            min_visible_frac=0.6 - 0.3 * d,
-        )
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"unknown scene parameter(s): {', '.join(unknown)}")
-        base.update(overrides)
-        if isinstance(base.get("image_size"), int):
-            base["image_size"] = (base["image_size"], base["image_size"])
-        for key in ("image_size", "objects_per_image", "scale_range", "small_px", "clutter"):
-            if key in base:
-                base[key] = tuple(base[key])
-        cfg = cls(**base)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        h, w = self.image_size
-        if h < 16 or w < 16:
-            raise ValueError(f"image_size must be at least 16x16, got {self.image_size}")
-        lo, hi = self.objects_per_image
-        if not 0 <= lo <= hi:
-            raise ValueError(f"objects_per_image must satisfy 0 <= min <= max, got {self.objects_per_image}")
-        if not 0 < self.scale_range[0] <= self.scale_range[1] <= 1.5:
-            raise ValueError(f"scale_range must satisfy 0 < lo <= hi <= 1.5, got {self.scale_range}")
-        if not 2 <= self.small_px[0] <= self.small_px[1]:
-            raise ValueError(f"small_px must satisfy 2 <= lo <= hi, got {self.small_px}")
-        if not 0 <= self.clutter[0] <= self.clutter[1]:
-            raise ValueError(f"clutter must satisfy 0 <= min <= max, got {self.clutter}")
-        for name in (
-            "small_prob",
-            "thin_prob",
-            "camouflage_prob",
-            "textured_fill_prob",
-            "second_texture_prob",
-        ):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
-        if self.camouflage_prob + self.textured_fill_prob > 1.0:
-            raise ValueError("camouflage_prob + textured_fill_prob must not exceed 1")
-        if not 0.0 <= self.crowd_prob <= 1.0 or not 0.0 < self.min_visible_frac <= 1.0:
-            raise ValueError("crowd_prob must be in [0, 1] and min_visible_frac in (0, 1]")
-        if self.mask_format not in ("rle", "polygon"):
-            raise ValueError(f"mask_format must be 'rle' or 'polygon', got {self.mask_format!r}")
 
 
 @dataclass
@@ -398,22 +320,17 @@ def _encode_chunk(job: _Job, indices: range) -> list[tuple[bytes, bytes, tuple[i
     return [_encode_scene(job, i) for i in indices]
 
 
-def _encoded_scenes(job: _Job, n: int, workers: int):
-    """Encoded scenes in index order, from ``workers`` forked processes when > 1 (fork shares the loaded
-    silhouettes and textures; without fork, or for tiny sets, everything runs in this process)."""
-    import multiprocessing as mp
-
-    if workers <= 1 or n < 16 or "fork" not in mp.get_all_start_methods():
+def _encoded_scenes(job: _Job, n: int, pool: ProcessPoolExecutor | None):
+    """Encoded scenes in index order, from the worker ``pool`` when there is one (tiny sets, or no pool:
+    everything runs in this process)."""
+    if pool is None or n < 16:
         for i in range(n):
             yield _encode_scene(job, i)
         return
-    from concurrent.futures import ProcessPoolExecutor
-
     step = 8
     chunks = [range(a, min(a + step, n)) for a in range(0, n, step)]
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-        for chunk in pool.map(_encode_chunk, [job] * len(chunks), chunks):
-            yield from chunk
+    for chunk in pool.map(_encode_chunk, [job] * len(chunks), chunks):
+        yield from chunk
 
 
 def _write_split(
@@ -423,7 +340,7 @@ def _write_split(
     first_id: int,
     files: dict[str, str],
     categories: list[dict[str, Any]],
-    workers: int,
+    pool: ProcessPoolExecutor | None,
     progress: bool = True,
 ) -> dict[str, int]:
     split = job.split
@@ -432,7 +349,7 @@ def _write_split(
     from tqdm import tqdm  # a bar on a terminal only: logs captured to files stay readable
 
     show = progress and n > 0 and getattr(sys.stderr, "isatty", lambda: False)()
-    scenes = tqdm(_encoded_scenes(job, n, workers), total=n, desc=f"render {split}", leave=False, disable=not show)
+    scenes = tqdm(_encoded_scenes(job, n, pool), total=n, desc=f"render {split}", leave=False, disable=not show)
     for i, (img_png, sem_png, (h, w), scene_anns) in enumerate(scenes):
         image_id = first_id + i
         coco_name = f"{image_id:012d}.png"
@@ -487,11 +404,43 @@ def generate_dataset(
     The directory is built in a temporary sibling and renamed into place, so ``root`` is never half-written.
     If ``root`` already holds a dataset made with identical parameters it is reused (its manifest returned);
     different parameters raise DataError unless ``overwrite``. Anything at ``root`` that this generator did not
-    write (no manifest.json of ours) is never replaced. One writer at a time (a lock beside ``root``); temp
-    directories a killed earlier run left beside ``root`` are removed. ``workers`` > 1 renders in forked
-    processes; the bytes written do not depend on it. ``progress`` shows a tqdm bar per split while rendering
-    (only when stderr is a terminal).
+    write (no manifest.json of ours) is never replaced. One writer at a time (a lock beside ``root``); the work
+    directories a killed earlier writer of ``root`` left beside it are removed, and nothing else (see
+    ``workdirs``). ``workers`` > 1 renders in forked processes that end with this one; the bytes written do not
+    depend on it. ``progress`` shows a tqdm bar per split while rendering (only when stderr is a terminal).
     """
+    manifest, _ = ensure_dataset(
+        root,
+        n_train=n_train,
+        n_val=n_val,
+        image_size=image_size,
+        seed=seed,
+        difficulty=difficulty,
+        overwrite=overwrite,
+        fmnist_dir=fmnist_dir,
+        workers=workers,
+        progress=progress,
+        **scene,
+    )
+    return manifest
+
+
+def ensure_dataset(
+    root: str | os.PathLike[str],
+    *,
+    n_train: int,
+    n_val: int,
+    image_size: int | tuple[int, int] = 128,
+    seed: int = 0,
+    difficulty: float = 0.5,
+    overwrite: bool = False,
+    fmnist_dir: str | os.PathLike[str] | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    **scene: Any,
+) -> tuple[dict[str, Any], bool]:
+    """``generate_dataset``, returning ``(manifest, reused)``: reused is True when ``root`` already held a
+    dataset with these parameters and nothing was generated (the CLI says so)."""
     if n_train < 0 or n_val < 0 or int(seed) < 0:
         raise ValueError(f"n_train, n_val and seed must be non-negative, got {n_train}, {n_val}, {seed}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -500,6 +449,8 @@ def generate_dataset(
     params = _params(cfg, seed, n_train, n_val)
     params["difficulty"] = float(difficulty)
     root = Path(root)
+    if root.name in ("", ".", ".."):
+        raise ValueError(f"dataset root {str(root)!r} names no directory of its own; give e.g. data/generated")
     lock = DirLock(root, f"dataset directory {root}").acquire()
     try:
         return _generate_locked(root, cfg, params, seed, n_train, n_val, overwrite, fmnist_dir, workers, progress)
@@ -518,11 +469,8 @@ def _generate_locked(
     fmnist_dir: str | os.PathLike[str] | None,
     workers: int,
     progress: bool = True,
-) -> dict[str, Any]:
-    for stale in root.parent.glob(f".{root.name}.tmp-*"):  # a killed run's leftovers (we hold the lock)
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in root.parent.glob(f".{root.name}.old-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+) -> tuple[dict[str, Any], bool]:
+    remove_stale_workdirs(root)  # a killed writer's leftovers (we hold the lock), and only those
     if os.path.lexists(root):
         existing = _our_manifest(root)
         if existing is None:
@@ -534,14 +482,15 @@ def _generate_locked(
                     f"{GENERATOR}); refusing to replace it: pick another output directory"
                 )
         elif existing.get("params") == params:
-            return existing
+            return existing, True
         elif not overwrite:
             raise DataError(f"{root} holds a dataset generated with other parameters; pass --overwrite to replace it")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    work = make_workdir(root, "tmp")
     try:
+        tmp = work / CONTENT  # becomes root; the marker stays behind in work
         for split in SPLITS:
-            (tmp / COCO_DIRS[split]).mkdir()
+            (tmp / COCO_DIRS[split]).mkdir(parents=True)
             (tmp / ADE_ROOT / "images" / ADE_DIRS[split]).mkdir(parents=True)
             (tmp / ADE_ROOT / "annotations" / ADE_DIRS[split]).mkdir(parents=True)
         (tmp / "annotations").mkdir()
@@ -551,11 +500,12 @@ def _generate_locked(
         fm = None if fmnist_dir is None else str(fmnist_dir)
         categories = [{"id": i + 1, "name": n, "supercategory": classes.source} for i, n in enumerate(classes.classes)]
         files: dict[str, str] = {}
-        opts = (workers, progress)
-        counts = {
-            "train": _write_split(tmp, _Job(seed, "train", cfg, fm), n_train, 1, files, categories, *opts),
-            "val": _write_split(tmp, _Job(seed, "val", cfg, fm), n_val, n_train + 1, files, categories, *opts),
-        }
+        with render_pool(workers) as pool:
+            opts = (pool, progress)
+            counts = {
+                "train": _write_split(tmp, _Job(seed, "train", cfg, fm), n_train, 1, files, categories, *opts),
+                "val": _write_split(tmp, _Job(seed, "val", cfg, fm), n_val, n_train + 1, files, categories, *opts),
+            }
         manifest = {
             "format_version": FORMAT_VERSION,
             "generator": GENERATOR,
@@ -573,11 +523,10 @@ def _generate_locked(
             "files": dict(sorted(files.items())),
         }
         (tmp / "manifest.json").write_bytes(json_bytes(manifest))
-        _swap_into_place(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        swap_into_place(tmp, root)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest, False
 
 
 def _our_manifest(root: Path) -> dict[str, Any] | None:
@@ -590,17 +539,6 @@ def _our_manifest(root: Path) -> dict[str, Any] | None:
     except DataError:
         return None
     return existing if isinstance(existing, dict) and existing.get("generator") == GENERATOR else None
-
-
-def _swap_into_place(tmp: Path, root: Path) -> None:
-    """Rename the finished temp dir to ``root``; an old ``root`` is moved aside first and removed after."""
-    old = None
-    if root.exists():
-        old = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.old-"))
-        os.replace(root, old / "d")
-    os.replace(tmp, root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def verify_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:

@@ -231,6 +231,10 @@ class Config:
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
+# Largest data.image_size a config accepts: three times the paper's largest input side (COCO's 1333 px); one
+# 4096^2 RGB float32 image is already 200 MB, and a mistyped 100000 used to end in a MemoryError mid-run.
+MAX_IMAGE_SIZE = 4096
+
 # Model keys that are not create_model() overrides.
 _MODEL_NON_FLAGS = ("preset", "task")
 _HEADS_FOR_TASK: dict[str, tuple[str, ...]] = {"det": ("mask_rcnn",), "seg": ("upernet", "semfpn")}
@@ -328,6 +332,15 @@ def _check_consistency(cfg: Config, origins: Mapping[str, str]) -> None:
         fail("data.dataset", f"task '{task}' needs one of {', '.join(_DATASETS_FOR_TASK[task])}")
     if cfg.data.image_size <= 0 or cfg.data.image_size % 32:
         fail("data.image_size", "must be a positive multiple of 32 (reference §5)")
+    if cfg.data.image_size > MAX_IMAGE_SIZE:
+        fail("data.image_size", f"must be <= {MAX_IMAGE_SIZE} (larger sides do not fit in memory)")
+    for dotted in ("data.n_train", "data.n_val"):
+        # A negative count used to act as a slice (-1: all but the last image) and 0 "finished" with null metrics.
+        v = _get(cfg, dotted)
+        if v is not None and v < 1:
+            fail(dotted, "must be >= 1, or null for the whole split")
+    _check_generator(cfg, origins)
+    _check_model_shape(cfg, fail)
     if cfg.data.test_mode == "slide" and not cfg.data.slide_stride:
         fail("data.slide_stride", "test_mode 'slide' needs a positive stride")
     for dotted in ("data.batch_size", "train.max_iters", "train.grad_accum", "head.num_classes"):
@@ -335,7 +348,7 @@ def _check_consistency(cfg: Config, origins: Mapping[str, str]) -> None:
             fail(dotted, "must be >= 1")
     if cfg.data.batch_size % cfg.train.grad_accum:  # the world size is checked when training starts
         fail("data.batch_size", f"the global batch must divide into train.grad_accum = {cfg.train.grad_accum}")
-    for dotted in ("data.eval_batch_size", "train.dist_timeout_s", "data.num_workers"):
+    for dotted in ("data.eval_batch_size", "train.dist_timeout_s", "data.num_workers", "train.threads"):
         v = _get(cfg, dotted)
         if v is not None and v < (0 if dotted == "data.num_workers" else 1):
             fail(dotted, "must be >= 0" if dotted == "data.num_workers" else "must be >= 1")
@@ -371,6 +384,66 @@ def _check_consistency(cfg: Config, origins: Mapping[str, str]) -> None:
     sha = cfg.weights.sha256
     if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
         fail("weights.sha256", "must be 64 lower-case hex digits or null")
+
+
+def _check_generator(cfg: Config, origins: Mapping[str, str]) -> None:
+    """data.generator: only keys the scene generator knows, with valid values (`train` used to accept a typo
+    that `data` then crashed on)."""
+    from vit_adapter.data.scene import check_generator
+
+    gen = cfg.data.generator
+    try:
+        check_generator(gen, cfg.data.image_size)
+    except ValueError as err:
+        where = sorted({origins.get(f"data.generator.{k}", origins.get("data.generator", "defaults")) for k in gen})
+        src = ", ".join(where) or origins.get("data.generator", "defaults")
+        raise ConfigError(f"data.generator (from {src}) is invalid: {err}") from None
+
+
+# Architecture keys that must be positive integers when set (None = the preset's value).
+_POSITIVE_MODEL_INTS = (
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "deform_num_heads",
+    "conv_inplane",
+    "patch_size",
+    "n_points",
+    "window_size",
+    "pretrain_size",
+)
+
+
+def _check_model_shape(cfg: Config, fail: Any) -> None:
+    """Shapes the model could not be built with, found before anything is written (embed_dim=100 with 3 heads
+    or num_heads=0 used to fail inside the first forward, after the run directory existed)."""
+    m = cfg.model
+    for key in _POSITIVE_MODEL_INTS:
+        v = getattr(m, key)
+        if v is not None and v < 1:
+            fail(f"model.{key}", "must be >= 1")
+    for key in ("n_interactions", "extra_extractors"):
+        v = getattr(m, key)
+        if v is not None and v < 0:
+            fail(f"model.{key}", "must be >= 0")
+    for key in ("cffn_ratio", "deform_ratio", "mlp_ratio"):
+        v = getattr(m, key)
+        if v is not None and v <= 0:
+            fail(f"model.{key}", "must be > 0")
+    if m.drop_path_rate is not None and not 0 <= m.drop_path_rate < 1:
+        fail("model.drop_path_rate", "must be in [0, 1)")
+    if m.embed_dim is None and m.num_heads is None:
+        return  # the preset's own pair divides
+    from vit_adapter.models.factory import preset_kwargs
+
+    preset = preset_kwargs(m.preset, m.task)
+    dim = m.embed_dim if m.embed_dim is not None else preset["embed_dim"]
+    heads = m.num_heads if m.num_heads is not None else preset["num_heads"]
+    if dim % heads:
+        if m.embed_dim is not None:
+            origin = "" if m.num_heads is not None else f" (preset {m.preset})"
+            fail("model.embed_dim", f"must be divisible by model.num_heads = {heads}{origin}")
+        fail("model.num_heads", f"must divide model.embed_dim = {dim} (preset {m.preset})")
 
 
 def _get(cfg: Config, dotted: str) -> Any:

@@ -196,6 +196,23 @@ def sidecar_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """The JSON object of the sidecar of weights file `path`; WeightsError naming the sidecar when it is not
+    UTF-8 JSON holding an object (a truncated or hand-edited one used to fail naming no file, or crash)."""
+    side = sidecar_path(path)
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(
+            f"weights sidecar {side} is not valid JSON ({err}); delete it and fetch the weights again"
+        ) from err
+    if not isinstance(meta, dict):
+        raise WeightsError(
+            f"weights sidecar {side} holds a JSON {type(meta).__name__}, not an object; delete it and fetch again"
+        )
+    return meta
+
+
 def weights_path_for(source: str, cache_dir: str | Path) -> Path:
     """A stable output file for `source` in `cache_dir`: readable stem + a short hash of the source string."""
     if source_kind(source) == "url":
@@ -215,9 +232,9 @@ def _cached(out: Path, source: str, sha256: str | None) -> bool:
     if not (out.is_file() and side.is_file()):
         return False
     try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+        meta = read_sidecar(out)
+    except (OSError, WeightsError):
+        return False  # fetched again, and the sidecar rewritten
     same_input = sha256 is None or meta.get("input_sha256") == sha256
     return meta.get("source") == source and same_input and meta.get("output_sha256") == sha256_file(out)
 
@@ -285,12 +302,8 @@ def verify_file_sha256(path: str | Path, sha256: str | None, key: str = "sha256"
     actual = sha256_file(path)
     if actual == sha:
         return path
-    side = sidecar_path(path)
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
-    except (OSError, ValueError):
-        meta = {}
-    if isinstance(meta, dict) and meta.get("output_sha256") == actual and meta.get("input_sha256") == sha:
+    meta = read_sidecar(path) if sidecar_path(path).is_file() else {}
+    if meta.get("output_sha256") == actual and meta.get("input_sha256") == sha:
         return path
     raise WeightsError(f"{key} mismatch for {path}: expected {sha}, got {actual}")
 
@@ -301,7 +314,7 @@ def load_weights(path: str | Path, verify: bool = True) -> dict[str, torch.Tenso
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if verify and sidecar_path(path).is_file():
-        expected = json.loads(sidecar_path(path).read_text(encoding="utf-8")).get("output_sha256")
+        expected = read_sidecar(path).get("output_sha256")
         if expected:
             _verify(sha256_file(path), expected, str(path))
     return to_state_dict(read_checkpoint(path, ".safetensors"), str(path))
