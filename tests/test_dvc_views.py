@@ -43,7 +43,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_only_dvc_metrics_file_is_the_flat_headline() -> None:
     declared = [next(iter(m)) if isinstance(m, dict) else m for s in DVC_YAML["stages"].values()
                 for m in s.get("metrics", [])]  # fmt: skip
-    assert declared == ["results/headline.json"]
+    assert declared == ["results/headline"]
     outs = [next(iter(o)) if isinstance(o, dict) else o for s in DVC_YAML["stages"].values() for o in s["outs"]]
     assert "results/metrics.json" in outs and "results/findings.json" in outs  # detail files: outputs only
 
@@ -60,10 +60,17 @@ def _expected_keys() -> set[str]:
     return keys
 
 
+def _headline(results: Path) -> dict[str, dict[str, float]]:
+    return {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted((results / "headline").glob("*.json"))}
+
+
 def test_headline_is_flat_numeric_short_and_its_keys_are_stable(results: Path) -> None:
-    doc = json.loads((results / "headline.json").read_text(encoding="utf-8"))
+    rows = _headline(results)
+    doc = {f"{row}.{k}": v for row, values in rows.items() for k, v in values.items()}
     assert all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in doc.values())
-    assert len(doc) <= 80  # `dvc metrics diff --all`: one row per key
+    # `dvc metrics show`: one line per row with the union of the rows' keys as columns (a terminal's width);
+    # `dvc metrics diff --all`: one line per number
+    assert len(rows) <= 40 and len({k for values in rows.values() for k in values}) <= 6 and len(doc) <= 120
     assert set(doc) == _expected_keys()
     assert not any(k.startswith("n6") or k.endswith("-n6") or "n6-" in k for k in doc)
     # the numbers are the runs': baseline 20, 23, 23 → mean 22; full − baseline = 10 per seed (sd 1)
@@ -72,8 +79,11 @@ def test_headline_is_flat_numeric_short_and_its_keys_are_stable(results: Path) -
     assert 0 < doc["full-baseline.power"] <= 1 and doc["full-baseline.mde"] > 0
     again = results.parent / "again"
     runs = results / "runs"
+    (again / "headline").mkdir(parents=True)
+    (again / "headline" / "gone-row.json").write_text("{}")  # a row the new runs lack is removed
     assert aggregate.main(["--runs", str(runs), "--out", str(again), "--ablations", str(ABLATIONS_DIR)]) == 0
-    assert (again / "headline.json").read_bytes() == (results / "headline.json").read_bytes()
+    assert _headline(again) == rows and not (again / "headline" / "gone-row.json").exists()
+    assert all(p.stat().st_mode & 0o044 for p in (again / "headline").iterdir())  # readable by others, as 0644
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -182,16 +182,18 @@ def test_dvc_shows_metrics_plots_and_overlay_params(micro_repo: Path) -> None:
     `dvc params diff`."""
     metrics = json.loads(_dvc(micro_repo, "metrics", "show", "--json").stdout)
     files = next(iter(metrics.values()))["data"]
-    assert set(files) == {"results/headline.json"}
-    headline = files["results/headline.json"]["data"]
-    assert {"baseline.mean", "full.mean", "full-baseline.delta"} <= set(headline)
-    assert all(isinstance(v, int | float) for v in headline.values())
+    assert {"results/headline/baseline.json", "results/headline/full.json"} <= set(files)
+    assert all(f.startswith("results/headline/") for f in files)
+    assert "mean" in files["results/headline/full.json"]["data"]
+    assert "delta" in files["results/headline/full-baseline.json"]["data"]
+    assert all(isinstance(v, int | float) for f in files.values() for v in f["data"].values())
+    shown = _dvc(micro_repo, "metrics", "show").stdout.splitlines()
+    assert len(shown) <= 80 and max(map(len, shown)) <= 160, shown  # fits a terminal
     on_disk = json.loads((micro_repo / "results/metrics.json").read_text())["variants"]
     assert all({"mean", "std", "n", "delta_vs_full", "delta_lo", "delta_hi"} <= set(v) for v in on_disk.values())
     assert all(v["n"] == 1 and v["mean"] is not None for v in on_disk.values())
     assert "findings" in json.loads((micro_repo / "results/findings.json").read_text())
-    shown = _dvc(micro_repo, "metrics", "show").stdout
-    assert "full.mean" in shown and "full-baseline.delta" in shown
+    assert "results/headline/full-baseline.json" in "\n".join(shown)
 
     shown = json.loads(_dvc(micro_repo, "plots", "show", "--json", "--split").stdout)
     assert not shown.get("errors"), shown.get("errors")

@@ -6,7 +6,7 @@ plots and the report). Unfinished runs live in ``<name>.partial/`` and are skipp
 
     python -m vit_adapter.analysis.aggregate --runs results/runs --out results [--metric mIoU]
 
-writes ``runs.csv`` (one row per run), ``summary.csv`` (one row per variant), ``headline.json`` (the DVC
+writes ``runs.csv`` (one row per run), ``summary.csv`` (one row per variant), ``headline/`` (the DVC
 metrics: per variant mean and CI, per finding Δ, CI, power), ``metrics.json`` (detail), the paper-mirroring tables
 (``vit_adapter.analysis.tables``) with their Markdown, and ``attention_cost.csv`` when the bench JSON exists.
 Variant names, their order and the reference come from the registry ``ablations/index.yml`` (``registry``); the
@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from vit_adapter.utils.io import atomic_write_json
+from vit_adapter.utils.io import atomic_write_json, replace_dir
 from vit_adapter.utils.paths import project_root
 
 from . import tables
@@ -62,7 +62,7 @@ MODEL_FLAGS = ("use_spm", "injector", "use_extractor", "extra_extractors", "outp
 DEFAULT_METRIC = {"seg": "mIoU", "det": "bbox_mAP"}
 INPUT_KEYS = ("code", "data", "weights")  # the input digests run.json records (engine/identity.py)
 DEFAULT_ABLATIONS = project_root() / "ablations"
-HEADLINE = "headline.json"  # the DVC metrics file (flat, numeric): findings.headline_document
+HEADLINE = "headline"  # the DVC metrics: one flat numeric file per row (findings.headline_document)
 
 
 class RunFormatError(ValueError):
@@ -319,7 +319,7 @@ def run_aggregate(
     n_boot: int = DEFAULT_N_BOOT,
     registry_path: Path | None = None,
 ) -> list[Path]:
-    """runs.csv, summary.csv, metrics.json, headline.json, the tables (+ tables.md), stage_timings.csv and
+    """runs.csv, summary.csv, metrics.json, headline/, the tables (+ tables.md), stage_timings.csv and
     attention_cost.csv (if the bench JSON exists)."""
     registry = load_registry(registry_path)
     df = collect_runs(runs_dir, ablations_dir=ablations_dir, registry=registry)
@@ -330,7 +330,11 @@ def run_aggregate(
     document = metrics_document(summary, df.attrs.get("inputs", {}), registry.reference)
     written.append(atomic_write_json(out_dir / "metrics.json", document))
     fr = findings_frame(df, paper, metric, n_boot, registry)
-    written.append(atomic_write_json(out_dir / HEADLINE, headline_document(df, fr, metric, registry)))
+    headline = headline_document(df, fr, metric, registry)
+    files = {
+        f"{row}.json": json.dumps(v, indent=2, sort_keys=True, allow_nan=False) + "\n" for row, v in headline.items()
+    }
+    written.append(replace_dir(out_dir / HEADLINE, files))
     written += tables.write_tables(df, summary, paper, out_dir, metric, registry=registry)
     written.append(write_csv(collect_stage_timings(runs_dir, registry), out_dir / "stage_timings.csv"))
     attention_json = attention_json if attention_json is not None else out_dir / "attention_cost.json"

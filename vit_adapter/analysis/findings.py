@@ -133,24 +133,27 @@ def variant_means(runs: pd.DataFrame, metric: str, registry: Registry) -> list[t
     return out
 
 
-def headline_document(runs: pd.DataFrame, fr: pd.DataFrame, metric: str, registry: Registry) -> dict[str, float]:
-    """The DVC metrics file: flat and numeric only, one key per number, so that ``dvc metrics diff`` is one short
-    row per number. ``<variant>.mean|ci_lo|ci_hi`` (95 % t-interval over seeds) and, per comparison ``<a>-<b>``
+def headline_document(
+    runs: pd.DataFrame, fr: pd.DataFrame, metric: str, registry: Registry
+) -> dict[str, dict[str, float]]:
+    """The DVC metrics, one flat numeric row per variant and per comparison, each written as its own small file
+    so that ``dvc metrics show`` prints one line per row with a handful of columns, and ``dvc metrics diff`` one
+    line per number: ``<variant>: mean|ci_lo|ci_hi`` (95 % t-interval over seeds) and, per comparison ``<a>-<b>``
     that ran, ``delta|ci_lo|ci_hi|power|mde`` (power only where the paper states a non-zero Δ). Undefined numbers
     (one seed, a finding not run) are left out rather than written as null: every value is a number."""
-    doc: dict[str, float] = {}
+    doc: dict[str, dict[str, float]] = {}
 
-    def put(key: str, value: Any) -> None:
+    def put(row: str, key: str, value: Any) -> None:
         v = _num(value)
         if v is not None:
-            doc[key] = v
+            doc.setdefault(row, {})[key] = v
 
     for variant, ci in variant_means(runs, metric, registry):
-        put(f"{variant}.mean", ci.estimate)
-        put(f"{variant}.ci_lo", ci.lo)
-        put(f"{variant}.ci_hi", ci.hi)
+        put(variant, "mean", ci.estimate)
+        put(variant, "ci_lo", ci.lo)
+        put(variant, "ci_hi", ci.hi)
     for row in fr.to_dict("records"):
         name = f"{row['a']}-{row['b']}"
         for key, col in (("delta", "delta"), ("ci_lo", "lo"), ("ci_hi", "hi"), ("power", "power"), ("mde", "mde")):
-            put(f"{name}.{key}", row[col])
+            put(name, key, row[col])
     return doc
