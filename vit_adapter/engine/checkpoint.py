@@ -94,7 +94,8 @@ def _verify_digest(path: Path) -> None:
         return  # no sidecar (written before sidecars existed, or killed before it): the finiteness check stays
     if sha256_file(path) != expected:
         raise CorruptCheckpointError(
-            f"checkpoint {path} does not match its sha256 in {sidecar.name}: the file changed after it was saved"
+            f"cannot read checkpoint {path}: its bytes do not match the sha256 in {sidecar.name} (damaged after "
+            "it was saved)"
         )
 
 
@@ -129,7 +130,7 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
         detail = " ".join(str(err).split())[:200]
         raise UnreadableCheckpointError(f"cannot read checkpoint {path}: {detail}") from err
     if isinstance(ckpt, dict) and (bad := _first_non_finite_state(ckpt)) is not None:
-        raise CorruptCheckpointError(f"checkpoint {path} holds non-finite values in {bad}: the file is damaged")
+        raise CorruptCheckpointError(f"cannot read checkpoint {path}: it holds non-finite values in {bad} (damaged)")
     want = architecture_signature(model)
     got = ckpt.get("architecture", {})
     if got != want:
