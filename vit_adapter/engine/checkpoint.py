@@ -176,7 +176,9 @@ def save_checkpoint_file(ckpt: dict[str, Any], path: Path) -> Path:
             try:
                 torch.save(ckpt, fh)
             except RuntimeError as err:
-                raise _os_error_of(err, path) from err
+                if (os_err := _os_error_of(err, path)) is None:
+                    raise
+                raise os_err from err
         try:
             atomic_write_text(sidecar, f"{sha256_file(path)}  {path.name}\n")
             atomic_write_text(path.parent / LATEST_FILE, path.name + "\n")
@@ -189,8 +191,8 @@ def save_checkpoint_file(ckpt: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _os_error_of(err: RuntimeError, path: Path) -> BaseException:
-    """The OSError behind torch's failed write, else ENOSPC when the file system is full, else `err`."""
+def _os_error_of(err: RuntimeError, path: Path) -> OSError | None:
+    """The OSError behind torch's failed write, else ENOSPC when the file system is full, else None."""
     cause: BaseException | None = err
     while cause is not None:
         if isinstance(cause, OSError):
@@ -198,7 +200,7 @@ def _os_error_of(err: RuntimeError, path: Path) -> BaseException:
         cause = cause.__cause__ or cause.__context__
     if shutil.disk_usage(path.parent).free == 0:
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return err
+    return None
 
 
 def prune_checkpoints(run: RunDir, keep: int) -> None:
