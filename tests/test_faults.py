@@ -184,7 +184,7 @@ def test_3_sigint_exits_130_and_the_same_command_resumes(tmp_path, data_root, st
     _one_line(err, "interrupted by SIGINT after iteration 2;")
     assert err.endswith("keeps the checkpoint of iteration 2: resume with the same command")
     assert not out.exists() and not lock_path(out).exists()
-    assert [p.name for p in (_partial(out) / "checkpoints").iterdir()] == ["iter_00000002.pt"]
+    assert _tree(_partial(out) / "checkpoints") == ["iter_00000002.pt", "iter_00000002.pt.sha256", "latest"]
     monkeypatch.undo()
     assert main(_train(out, data_root)) == 0
     assert json.loads((out / "run.json").read_text())["resumed_from_iteration"] == 2
@@ -332,7 +332,7 @@ def test_8_truncated_latest_checkpoint_falls_back_and_stale_temp_is_dropped(
     with pytest.raises(trainer.StopTraining):
         trainer.train(load_config("cpu_default", [], sets), out, progress=False, hooks=trainer.Hooks(stop_after_4))
     ckpts = _partial(out) / "checkpoints"
-    assert [p.name for p in sorted(ckpts.iterdir())] == ["iter_00000002.pt", "iter_00000004.pt"]
+    assert [p.name for p in sorted(ckpts.glob("iter_*.pt"))] == ["iter_00000002.pt", "iter_00000004.pt"]
     latest = ckpts / "iter_00000004.pt"
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # e.g. a full disk under another tool
     (ckpts / ".iter_00000006.pt.k1ll3d.tmp").write_bytes(b"half a save")  # a killed save's temp
@@ -341,7 +341,8 @@ def test_8_truncated_latest_checkpoint_falls_back_and_stale_temp_is_dropped(
     _one_line(err, f"warning: cannot read checkpoint {latest}")
     assert err.endswith("trying the previous checkpoint")
     assert json.loads((out / "run.json").read_text())["resumed_from_iteration"] == 2
-    assert _tree(out / "checkpoints") == ["iter_00000006.pt"]  # no .tmp carried into the finished run
+    # No .tmp carried into the finished run; the final checkpoint, its digest and the `latest` pointer.
+    assert _tree(out / "checkpoints") == ["iter_00000006.pt", "iter_00000006.pt.sha256", "latest"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -179,19 +179,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_checkpoint(run_dir: Path) -> Path:
-    """The newest `checkpoints/iter_*.pt` of a run directory (a finished run keeps only its final one)."""
-    import re
+    """The checkpoint `checkpoints/latest` names, else the newest `checkpoints/iter_*.pt` of a run directory (a
+    finished run keeps only its final one)."""
+    from .engine.checkpoint import latest_checkpoint
 
-    found = []
     folder = run_dir / "checkpoints"
-    if folder.is_dir():
-        found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := re.match(r"^iter_(\d+)\.pt$", p.name)))
-    if not found:
+    found = latest_checkpoint(folder)
+    if found is None:
         raise UsageError(
             f"{run_dir} holds no checkpoint ({folder}/iter_*.pt); the pipeline does not keep them: retrain it with "
             f"`vit-adapter train --config {run_dir / 'config.yaml'} --out <dir>`, or give --checkpoint"
         )
-    return found[-1][1]
+    return found
+
+
+def _check_writable(out: Path) -> None:
+    """Fail now, naming `out`, when the metrics file cannot be written (read-only, not a directory), rather
+    than after the evaluation's minutes: a probe file is created and removed in its nearest existing folder."""
+    import tempfile
+
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a directory")
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write --out {out}: {err.strerror or err}") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -219,11 +235,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         checkpoint = args.checkpoint
     if args.out is not None and args.out.is_dir():  # found before the evaluation's minutes, not after
         raise UsageError(f"--out {args.out} is a directory; give the metrics JSON file to write")
+    if args.out is not None:
+        _check_writable(args.out)
     metrics = evaluate_checkpoint(cfg, checkpoint, progress=not args.quiet)
     # After the fact, so that a failure stays one line (docs/faults.md).
     print(f"vit-adapter eval: checkpoint {checkpoint}, {cfg.train.threads or 'default'} thread(s)", file=sys.stderr)
     if args.out:
-        atomic_write_json(args.out, metrics)
+        try:
+            atomic_write_json(args.out, metrics)
+        except OSError as err:  # e.g. the disk filled during the evaluation: name the user's path, not the temp
+            raise UsageError(f"cannot write --out {args.out}: {err.strerror or err}") from None
     print(json.dumps(metrics, sort_keys=True))
     return 0
 

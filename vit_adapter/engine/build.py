@@ -112,8 +112,9 @@ def data_root(cfg: Config) -> Path:
     return root
 
 
-def build_datasets(cfg: Config, seed: int) -> tuple[Any, Any, Any]:
-    """(train set, val set, collate function) for the configured task, through the official-layout loaders."""
+def build_datasets(cfg: Config, seed: int, *, train_split: bool = True) -> tuple[Any, Any, Any]:
+    """(train set, val set, collate function) for the configured task, through the official-layout loaders.
+    ``train_split=False`` (evaluation): the train split is not opened or scanned, and None is returned for it."""
     d = cfg.data
     root = data_root(cfg)
     size = (d.image_size, d.image_size)
@@ -133,10 +134,10 @@ def build_datasets(cfg: Config, seed: int) -> tuple[Any, Any, Any]:
         )
         tval = detection_transforms(False, scale=scale, size_divisor=d.size_divisor, **norm)
         kw = dict(seed=seed, cache=d.cache_in_memory)
-        train = build_dataset("coco", root, "train", ttrain, max_images=d.n_train, **kw)
+        train = build_dataset("coco", root, "train", ttrain, max_images=d.n_train, **kw) if train_split else None
         val = build_dataset("coco", root, "val", tval, max_images=d.n_val, filter_empty=False, **kw)
         _check_sizes(cfg, train, val)
-        _check_classes(root, train.num_classes, cfg)
+        _check_classes(root, (train or val).num_classes, cfg)
         return train, val, collate_detection
     scale = tuple(d.img_scale) if d.img_scale else (d.image_size * 4, d.image_size)
     rr = tuple(d.ratio_range) if d.ratio_range else None
@@ -158,16 +159,18 @@ def build_datasets(cfg: Config, seed: int) -> tuple[Any, Any, Any]:
         reduce_zero_label=d.reduce_zero_label,
         foreground_only=d.label_mode == "foreground",
     )
-    train = build_dataset("ade20k", root, "train", ttrain, max_images=d.n_train, **kw)
+    train = build_dataset("ade20k", root, "train", ttrain, max_images=d.n_train, **kw) if train_split else None
     val = build_dataset("ade20k", root, "val", tval, max_images=d.n_val, return_meta=True, **kw)
     _check_sizes(cfg, train, val)
-    _check_classes(root, train.num_classes, cfg)
+    _check_classes(root, (train or val).num_classes, cfg)
     return train, val, collate_segmentation
 
 
 def _check_sizes(cfg: Config, train: Any, val: Any) -> None:
     # More images than a split holds used to train on fewer while config.yaml recorded the number asked for.
     for key, ds in (("data.n_train", train), ("data.n_val", val)):
+        if ds is None:  # a split that was not opened
+            continue
         wanted = getattr(cfg.data, key.split(".")[1])
         if wanted is not None and wanted > ds.available:
             raise DataError(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import json
 import logging
 import math
 import os
@@ -39,14 +38,22 @@ from tqdm import tqdm
 from ..metrics import CocoMetric, SegMetric
 from ..models.ops import resolve_backend
 from ..utils.io import atomic_write_json
-from .build import backbone_of, build_datasets, build_model, load_pretrained
+from ..utils.jsonl import append_row, keep_rows
+from .build import backbone_of, build_datasets, build_model, data_root, load_pretrained
+from .checkpoint import (
+    _save_checkpoint,
+    load_checkpoint,
+    newest_readable_checkpoint,
+    prune_checkpoints,
+    set_rng_state,
+)
 from .config import EXECUTION_KEYS, Config, config_hash, save_config
+from .datastamp import DataStamp
 from .identity import run_identity
 from .optim import build_optimizer, build_scheduler
 from .rundir import (
     METRICS_FILE,
     RunDir,
-    atomic_torch_save,
     open_run_dir,
     releases_run_locks,
     run_metadata,
@@ -252,68 +259,6 @@ def _worker_batches(
         generator=torch.Generator().manual_seed(seed),
     )
     return iter(loader)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def rng_state() -> dict[str, Any]:
-    import random
-
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def architecture_signature(model: nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model (another architecture) or cannot be read."""
-
-
-class UnreadableCheckpointError(CheckpointError):
-    """A checkpoint file that torch cannot load (truncated, corrupted)."""
-
-
-def newest_readable_checkpoint(run: RunDir, model: nn.Module) -> dict[str, Any] | None:
-    """The newest checkpoint of `run` that loads, or None. An unreadable one (e.g. truncated by a full disk or
-    another tool) is skipped with a warning: training re-reaches its iteration and overwrites it."""
-    import sys
-
-    for _, path in reversed(run.checkpoints()):
-        try:
-            return load_checkpoint(path, model)
-        except UnreadableCheckpointError as err:
-            print(f"warning: {err}; trying the previous checkpoint", file=sys.stderr)
-    return None
-
-
-def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        detail = " ".join(str(err).split())[:200]
-        raise UnreadableCheckpointError(f"cannot read checkpoint {path}: {detail}") from err
-    want = architecture_signature(model)
-    got = ckpt.get("architecture", {})
-    if got != want:
-        diff = sorted(set(got) ^ set(want)) or sorted(k for k in want if got.get(k) != want[k])
-        raise CheckpointError(f"checkpoint {path} is from another architecture (first differing keys: {diff[:4]})")
-    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -615,6 +560,12 @@ def train(
     # Everything that can fail on bad input happens before the run directory is created.
     set_determinism(seed, cfg.train.deterministic)
     train_set, val_set, collate = build_datasets(cfg, seed)
+    data_stamp = DataStamp.take(data_root(cfg))  # evaluations check that the data is still this tree
+    if len(train_set) < cfg.data.batch_size:  # an empty schedule, found before the run directory exists
+        raise ValueError(
+            f"data.batch_size = {cfg.data.batch_size} (one global batch) but the train split has {len(train_set)} "
+            "image(s) (data.n_train): lower data.batch_size or train on more images"
+        )
     model = build_model(cfg)
     load_report = load_pretrained(model, cfg)
     # Pick (and, on first use on this machine, compile) the deformable-attention backend now, before any timer
@@ -677,8 +628,7 @@ def train(
         old_handlers = _install_signal_handlers(stop)
         log_file = run.path("log.jsonl") if run is not None else None
         if log_file is not None and log_file.exists():  # drop rows logged after the checkpoint we resume from
-            rows = [r for r in log_file.read_text(encoding="utf-8").splitlines() if json.loads(r)["iter"] <= start_it]
-            log_file.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+            keep_rows(log_file, lambda row: row["iter"] <= start_it)  # a torn last line: dropped, one warning
         train_time, train_images = 0.0, 0
         # data.batch_size is the global batch: each rank's step holds micro_batch * grad_accum images.
         accum = cfg.train.grad_accum
@@ -754,13 +704,12 @@ def train(
                 train_images += len(indices) * d.world
                 done = it + 1
                 bar.update(1)
-                if done % cfg.train.log_interval == 0 or done == cfg.train.max_iters:
+                if (cfg.train.log_interval and done % cfg.train.log_interval == 0) or done == cfg.train.max_iters:
                     row = {"iter": done, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
                     row |= {k: round(float(v.detach()), 6) for k, v in losses.items()}
                     log_rows.append(row)
                     if log_file is not None:
-                        with open(log_file, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(row) + "\n")
+                        append_row(log_file, row)  # whole rows only, even on a full disk
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
                     if d.main:  # numbers already computed above: no extra sync, no RNG draw
                         now = time.perf_counter()
@@ -772,7 +721,8 @@ def train(
                             )
                         )
                         t_window, it_window = now, done
-                if done % cfg.train.eval_interval == 0 or done == cfg.train.max_iters:
+                if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) or done == cfg.train.max_iters:
+                    data_stamp.check()  # never evaluate on a dataset replaced mid-run
                     t_eval = time.perf_counter()
                     metrics = evaluate(model, val_set, collate, cfg, device, d, progress=progress)  # every rank
                     if d.main:
@@ -788,7 +738,9 @@ def train(
                             hooks.after_eval(done, history[-1])
                     if d.world > 1:
                         dist.barrier()
-                if done % cfg.train.checkpoint_interval == 0 or done == cfg.train.max_iters:
+                if (
+                    cfg.train.checkpoint_interval and done % cfg.train.checkpoint_interval == 0
+                ) or done == cfg.train.max_iters:
                     if (bad := _first_non_finite(model)) is not None:  # never checkpoint a diverged state
                         raise DivergedError(f"weights {bad} are not finite", done, cfg)
                     _save_checkpoint(run, model, optimizer, scheduler, done, history, d, scaler=scaler)
@@ -828,7 +780,7 @@ def train(
             atomic_write_json(run.path("costs.json"), costs)
             log.info("finished %s in %s", run.out, _duration(time.perf_counter() - t_start))
     if run is not None:  # the log file is closed: the work dir moves into place
-        run.prune_checkpoints(keep=1)
+        prune_checkpoints(run, keep=1)
         run.finalize()
     if d.world > 1:
         dist.barrier()
@@ -852,31 +804,6 @@ def _first_non_finite(model: nn.Module) -> str | None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return name
     return None
-
-
-def _save_checkpoint(
-    run: RunDir | None, model, optimizer, scheduler, it: int, history: list, d: Dist, *, scaler=None
-) -> None:
-    states = [None] * d.world
-    if d.world > 1:
-        dist.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
-    if run is None:
-        return
-    ckpt = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "iteration": it,
-        "history": history,
-        "rng": states,
-        "architecture": architecture_signature(model),
-    }
-    if scaler is not None:  # fp16: the dynamic loss scale is training state too (exact resume)
-        ckpt["scaler"] = scaler.state_dict()
-    atomic_torch_save(ckpt, run.checkpoint_path(it))
-    run.prune_checkpoints(keep=2)
 
 
 def _install_signal_handlers(stop: dict[str, bool]) -> dict[int, Any]:
@@ -907,7 +834,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, progress: bool =
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device, 0)
-    _, val_set, collate = build_datasets(cfg, cfg.train.seed)
+    _, val_set, collate = build_datasets(cfg, cfg.train.seed, train_split=False)  # only the split it reads
     model = build_model(cfg)
     ckpt = load_checkpoint(Path(checkpoint), model)
     model.load_state_dict(ckpt["model"])
