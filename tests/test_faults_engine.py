@@ -109,7 +109,7 @@ def _hooked(monkeypatch, after_iteration) -> None:
 # log.jsonl: whole rows only; a torn last line is dropped with one warning, a damaged middle one is an error
 
 
-def test_torn_last_log_line_is_dropped_on_resume(tmp_path, data_root, straight, capsys) -> None:
+def test_b1_torn_last_log_line_is_dropped_on_resume(tmp_path, data_root, straight, capsys) -> None:
     out = tmp_path / "run"
     _stop_at(2, tiny_sets(data_root, "seg", iters=4, extra=["train.checkpoint_interval=2"]), out)
     log = _partial(out) / "log.jsonl"
@@ -122,7 +122,7 @@ def test_torn_last_log_line_is_dropped_on_resume(tmp_path, data_root, straight, 
         assert (out / name).read_bytes() == (straight / name).read_bytes(), name
 
 
-def test_damaged_middle_log_line_is_one_line_naming_file_and_line(tmp_path, data_root, capsys) -> None:
+def test_b1_damaged_middle_log_line_is_one_line_naming_file_and_line(tmp_path, data_root, capsys) -> None:
     out = tmp_path / "run"
     _stop_at(2, tiny_sets(data_root, "seg", iters=4, extra=["train.checkpoint_interval=2"]), out)
     log = _partial(out) / "log.jsonl"
@@ -133,7 +133,7 @@ def test_damaged_middle_log_line_is_one_line_naming_file_and_line(tmp_path, data
     _one_line(err, f"error: {log}: line 2 is not a JSON row")
 
 
-def test_a_short_append_leaves_the_log_as_it_was(tmp_path, monkeypatch) -> None:
+def test_b1_a_short_append_leaves_the_log_as_it_was(tmp_path, monkeypatch) -> None:
     from vit_adapter.utils import jsonl
 
     log = tmp_path / "log.jsonl"
@@ -149,7 +149,7 @@ def test_a_short_append_leaves_the_log_as_it_was(tmp_path, monkeypatch) -> None:
     assert jsonl.read_rows(log) == [{"iter": 1}]
 
 
-def test_full_disk_while_logging_is_one_line_and_resumes_exactly(small_disk, data_root, straight, capsys) -> None:
+def test_b1_full_disk_while_logging_is_one_line_and_resumes_exactly(small_disk, data_root, straight, capsys) -> None:
     """The disk fills while log.jsonl's last page has room for only half of the next row: the kernel writes that
     half and refuses the rest (the torn line of the report). A row is all or nothing, and the run resumes."""
     out = small_disk / "run"
@@ -187,7 +187,7 @@ def test_full_disk_while_logging_is_one_line_and_resumes_exactly(small_disk, dat
 # checkpoints: a full disk while saving names the checkpoint and keeps the previous one
 
 
-def test_full_disk_during_a_checkpoint_keeps_the_previous_one(small_disk, data_root, capsys, monkeypatch) -> None:
+def test_b10_full_disk_during_a_checkpoint_keeps_the_previous_one(small_disk, data_root, capsys, monkeypatch) -> None:
     out = small_disk / "run"
     filled: list[Path] = []
     _hooked(monkeypatch, lambda it: filled.append(_fill(small_disk)) if it == 3 else None)
@@ -229,7 +229,7 @@ def _flip(path: Path, how: str) -> None:
     "how, needle",
     [("bit flip", "do not match the sha256 in iter_00000004.pt.sha256"), ("nan", "holds non-finite values")],
 )
-def test_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, data_root, capsys, how, needle) -> None:
+def test_b4_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, data_root, capsys, how, needle) -> None:
     out = tmp_path / "run"
     _stop_at(4, tiny_sets(data_root, "seg", iters=6, extra=["train.checkpoint_interval=2"]), out)
     newest = _partial(out) / "checkpoints" / "iter_00000004.pt"
@@ -243,7 +243,7 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, data_ro
     assert json.loads((out / "run.json").read_text())["resumed_from_iteration"] == 2
 
 
-def test_eval_checks_the_digest_and_follows_latest(tmp_path, straight, capsys) -> None:
+def test_b4_eval_checks_the_digest_and_follows_latest(tmp_path, straight, capsys) -> None:
     run = tmp_path / "run"
     shutil.copytree(straight, run)
     ckpts = run / "checkpoints"
@@ -259,7 +259,7 @@ def test_eval_checks_the_digest_and_follows_latest(tmp_path, straight, capsys) -
 # intervals: 0 = off (only the final iteration logs, evaluates and checkpoints)
 
 
-def test_intervals_of_zero_are_off(tmp_path, data_root, capsys) -> None:
+def test_b11_intervals_of_zero_are_off(tmp_path, data_root, capsys) -> None:
     out = tmp_path / "run"
     off = ("train.eval_interval=0", "train.checkpoint_interval=0", "train.log_interval=0")
     code, err = _cli(_train(out, data_root, *off, iters=3), capsys)
@@ -278,7 +278,7 @@ def test_intervals_of_zero_are_off(tmp_path, data_root, capsys) -> None:
 
 
 @pytest.mark.parametrize("extra", [("data.n_train=8", "data.batch_size=16"), ("data.n_train=0",)])
-def test_fewer_images_than_one_batch_leave_no_run_dir(tmp_path, data_root, capsys, extra) -> None:
+def test_b25_fewer_images_than_one_batch_leave_no_run_dir(tmp_path, data_root, capsys, extra) -> None:
     out = tmp_path / "run"
     code, err = _cli(_train(out, data_root, *extra), capsys)
     assert code == 2
@@ -290,7 +290,7 @@ def test_fewer_images_than_one_batch_leave_no_run_dir(tmp_path, data_root, capsy
 # eval: opens only the split it evaluates; checks --out before the evaluation
 
 
-def test_eval_does_not_open_the_train_split(tmp_path, data_root, straight, capsys) -> None:
+def test_b26_eval_does_not_open_the_train_split(tmp_path, data_root, straight, capsys) -> None:
     root = tmp_path / "gen"
     shutil.copytree(data_root, root)
     shutil.rmtree(root / ADE_TRAIN)  # e.g. a machine that holds only the validation images
@@ -300,7 +300,7 @@ def test_eval_does_not_open_the_train_split(tmp_path, data_root, straight, capsy
     assert json.loads(captured.out) == json.loads((straight / "metrics.json").read_text())["final"]
 
 
-def test_eval_out_that_cannot_be_written_fails_first(tmp_path, straight, capsys, monkeypatch) -> None:
+def test_b28_eval_out_that_cannot_be_written_fails_first(tmp_path, straight, capsys, monkeypatch) -> None:
     folder = tmp_path / "ro"
     if os.geteuid() == 0:  # root writes through permissions: a read-only file system
         _mount_tmpfs(folder, "size=1m,ro")
@@ -326,7 +326,7 @@ def test_eval_out_that_cannot_be_written_fails_first(tmp_path, straight, capsys,
 # `data --overwrite` under a running run: the run stops instead of evaluating on other data
 
 
-def test_data_replaced_mid_run_stops_the_run(tmp_path, data_root, capsys, monkeypatch) -> None:
+def test_b7_data_replaced_mid_run_stops_the_run(tmp_path, data_root, capsys, monkeypatch) -> None:
     root = tmp_path / "gen"
     shutil.copytree(data_root, root)
 
