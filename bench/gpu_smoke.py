@@ -11,7 +11,8 @@ One JSON line per check (``check``, ``status`` ok / fail / skipped, the numbers)
 3. ``deform_cuda_vs_float64``: the multi-scale deformable attention core on CUDA (``backend="auto"``) against the
    float64 CPU reference, output and gradients, under the project's same-function rule: every error vs float64
    <= max(1e-5 relative, 1.5 x the fp32 reference's own error).
-4. ``deform_backends``: bench/deform_backends.py's timing of the backends, when that module exists.
+4. ``deform_backends``: bench/deform_backends.py's timing of the backends (triton, pytorch, mmcv where it
+   imports) with peak memory and the float64 rule.
 5. ``maskrcnn_s_1333x800``: ViT-Adapter-S + Mask R-CNN (coco_maskrcnn_1x_s, random weights) at 1333x800, batch 2
    per GPU (the paper's 8 x 2), in fp32 (TF32), bf16 and fp16 + GradScaler: s/iter and peak memory beside the
    paper's 0.36 s/iter (Table 7). `vit-adapter plan --smoke FILE` prices the paper runs from the fp32 row.
@@ -248,12 +249,14 @@ def nccl_check(device: torch.device) -> dict[str, Any]:
     return {"check": "nccl_world1", "status": "ok" if ok else "fail", "backend": dist.get_backend()}
 
 
-def deform_backends_check() -> dict[str, Any]:
-    try:
-        from bench.deform_backends import time_backends
-    except ImportError:
-        return skipped("deform_backends", "bench/deform_backends.py not available in this checkout")
-    return {"check": "deform_backends", "status": "ok", "rows": time_backends()}
+def deform_backends_check(device: torch.device) -> dict[str, Any]:
+    """Triton vs pure PyTorch vs mmcv (where it imports), forward and forward+backward at the ViT-Adapter-S
+    shapes of the paper, with peak memory (bench/deform_backends.py)."""
+    from bench.deform_backends import time_backends
+
+    rows = time_backends(device)
+    failed = [r for r in rows if r.get("error") or r.get("meets_float64_rule") is False]
+    return {"check": "deform_backends", "status": "fail" if failed else "ok", "rows": rows}
 
 
 def run_checks(iters: int, det_iters: int) -> tuple[str, list[dict[str, Any]]]:
@@ -283,7 +286,7 @@ def run_checks(iters: int, det_iters: int) -> tuple[str, list[dict[str, Any]]]:
             emit(train_eval_check(task, root, Path(tmp), cuda, iters))
     if cuda:
         emit(deform_check(device))
-        emit(deform_backends_check())
+        emit(deform_backends_check(device))
         for mode in ("fp32", "bf16", "fp16"):
             emit(detector_run(device, mode, det_iters))
             torch.cuda.empty_cache()
