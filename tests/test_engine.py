@@ -12,7 +12,8 @@ import torch
 from vit_adapter.cli import main
 from vit_adapter.data import generate_dataset
 from vit_adapter.engine.config import load_config
-from vit_adapter.engine.trainer import Hooks, StopTraining, train
+from vit_adapter.engine.hooks import Callbacks, StopTraining
+from vit_adapter.engine.trainer import train
 
 BASELINE = [
     "model.n_interactions=0",
@@ -122,7 +123,7 @@ def test_resume_is_bit_exact_and_seed_is_deterministic(tmp_path, data_root) -> N
 
     resumed = tmp_path / "resumed"
     with pytest.raises(StopTraining):
-        train(cfg, resumed, progress=False, hooks=Hooks(after_iteration=stop_after_first_epoch))
+        train(cfg, resumed, progress=False, hooks=[Callbacks(after_iteration=stop_after_first_epoch)])
     assert resumed.with_name("resumed.partial").is_dir() and not resumed.exists()
     train(cfg, resumed, progress=False)
     assert (resumed / "metrics.json").read_bytes() == (straight / "metrics.json").read_bytes()

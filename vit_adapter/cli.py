@@ -182,8 +182,8 @@ def _run_checkpoint(run_dir: Path) -> Path:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.config import load_config
+    from .engine.evaluation import evaluate_checkpoint
     from .engine.rundir import RunDir
-    from .engine.trainer import evaluate_checkpoint
     from .utils.io import atomic_write_json
 
     if args.seed is not None:
@@ -309,8 +309,8 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
+    from .engine.hooks import StopTraining
     from .engine.rundir import RunDirError
-    from .engine.trainer import StopTraining
     from .utils.locks import DirectoryInUseError
 
     parser = build_parser()

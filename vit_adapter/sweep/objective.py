@@ -66,7 +66,8 @@ def train_or_load(
 ) -> dict[str, Any]:
     """metrics.json of a finished run (cached), else train: resuming `<run>.partial` when it exists. With
     `identity` (Plan.run_identity), a run trained for another identity is discarded first, never reused."""
-    from ..engine.trainer import Hooks, train
+    from ..engine.hooks import Callbacks
+    from ..engine.trainer import train
 
     if identity is not None:
         _forget_if_stale(run, identity)
@@ -77,7 +78,7 @@ def train_or_load(
                 after_eval(row["iter"], row)
         return result
     # The trainer resumes `<run>.partial` only when its config matches (execution keys such as threads aside).
-    result = train(cfg, run, resume=True, hooks=Hooks(after_iteration, after_eval), progress=False)
+    result = train(cfg, run, resume=True, hooks=[Callbacks(after_iteration, after_eval)], progress=False)
     if not keep_checkpoints:
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return result
