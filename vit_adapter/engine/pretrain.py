@@ -281,20 +281,26 @@ def init_sincos_pos_embed(vit: PlainViT) -> None:
 
 def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases, norms, LayerScale gammas (all 1-D) and what each module names in its
-    ``no_weight_decay()`` (timm's convention: the ViT's position embedding; the head names none)."""
-    decay, no_decay = [], []
-    for m in modules:
-        skip = m.no_weight_decay() if hasattr(m, "no_weight_decay") else set()
-        for name, p in m.named_parameters():
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    ``no_weight_decay()`` (timm's convention: the ViT's position embedding; the head names none): the fine-tuning
+    parameter groups (engine/optim.py) under timm's rule, decayed group first."""
+    from torch import nn
+
+    from vit_adapter.engine.optim import param_groups
+
+    both = nn.ModuleList(modules)
+    skip = [f"{i}.{n}" for i, m in enumerate(modules) if hasattr(m, "no_weight_decay") for n in m.no_weight_decay()]
+    groups = param_groups(both, lr=0.0, weight_decay=weight_decay, no_decay=skip, no_decay_rule="ndim_or_listed")
+    return [
+        {"params": g["params"], "weight_decay": g["weight_decay"]}
+        for g in sorted(groups, key=lambda g: not g["weight_decay"])
+    ]
 
 
 def lr_at(progress: float, step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup over ``warmup_steps`` then cosine from ``lr`` to ``min_lr`` over ``progress`` in [0, 1]."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
-    cos = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    return warm * (cfg.min_lr + (cfg.lr - cfg.min_lr) * cos)
+    """Linear warmup over ``warmup_steps`` then cosine from ``lr`` to ``min_lr`` (engine/optim.py)."""
+    from vit_adapter.engine.optim import warmup_cosine_lr
+
+    return warmup_cosine_lr(progress, step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,6 +383,7 @@ def run(cfg: PretrainConfig, out: str | Path) -> dict[str, Any]:
 def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
     import torch
 
+    from vit_adapter.engine.progress import log_progress
     from vit_adapter.engine.rundir import run_metadata
     from vit_adapter.engine.weights import _save_safetensors, sha256_file, sidecar_path
     from vit_adapter.models.vit import PlainViT
@@ -469,7 +476,8 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
                 "seconds": round(timer.elapsed(), 1),
             }
             history.append(rec)
-            log.info("pretrain %s", rec)
+            now = time.perf_counter() - t_train
+            log_progress(step, total, rec["train_loss"], lr, now / step, now / step * (total - step))
             run_loss = run_correct = run_seen = run_counted = 0.0
     train_s = time.perf_counter() - t_train
 

@@ -94,3 +94,14 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             continue
         parts.append(f"{k} {'n/a' if v is None else f'{v:.4f}'}")
     return "  ".join(parts) or "(no scalar metrics)"
+
+
+def log_progress(done: int, total: int, loss: float, lr: float, s_per_it: float, eta_s: float) -> None:
+    """One progress line (``format_iteration``) with this process's peak memory on CPU: the pretraining's."""
+    import resource
+
+    log.info(
+        format_iteration(
+            done, total, loss, lr, s_per_it, eta_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        )
+    )
