@@ -362,3 +362,24 @@ def test_one_rank_seeing_an_infinite_loss_stops_every_rank(tmp_path, data_root) 
     ended = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert ended[1].startswith("diverged: loss is inf at iteration 2"), ended
     assert ended[0].startswith("diverged: loss is nan on another rank at iteration 2"), ended
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-only backend needs a CUDA device")
+@pytest.mark.parametrize("task", ["seg", "det"])
+def test_train_and_eval_under_a_cuda_only_backend(tmp_path, data_root, task: str) -> None:
+    """NCCL's device rule (collectives take CUDA tensors only) on 2 processes: evaluation's confusion-matrix sum
+    and every other collective must run on the group's device."""
+    import os
+    import subprocess
+    import sys
+
+    extra = ["data.batch_size=2", "train.device=cuda", "train.dist_timeout_s=120"]
+    cfg = load_config("cpu_default", [], tiny_sets(data_root, task, iters=2, extra=extra))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    helper = Path(__file__).parent / "helpers" / "ddp_device_rule.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*cmd, str(helper), json.dumps(cfg.to_dict()), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((tmp_path / "metrics.json").read_text())
+    assert ("mIoU" if task == "seg" else "bbox_mAP") in final

@@ -63,6 +63,19 @@ def param_groups(
     return out
 
 
+def listed_param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict]:
+    """The pretraining's two groups (decayed first): no weight decay on biases, norms, LayerScale gammas (all 1-D)
+    and what each module names in its ``no_weight_decay()`` (timm's convention: the ViT's position embedding)."""
+    skip = [f"{i}.{n}" for i, m in enumerate(modules) if hasattr(m, "no_weight_decay") for n in m.no_weight_decay()]
+    groups = param_groups(
+        nn.ModuleList(modules), lr=0.0, weight_decay=weight_decay, no_decay=skip, no_decay_rule="ndim_or_listed"
+    )
+    return [
+        {"params": g["params"], "weight_decay": g["weight_decay"]}
+        for g in sorted(groups, key=lambda g: not g["weight_decay"])
+    ]
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, num_layers: int) -> torch.optim.AdamW:
     groups = param_groups(
         model,

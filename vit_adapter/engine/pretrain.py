@@ -279,30 +279,6 @@ def init_sincos_pos_embed(vit: PlainViT) -> None:
         vit.pos_embed.copy_(pe.reshape(vit.pos_embed.shape))
 
 
-def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, LayerScale gammas (all 1-D) and what each module names in its
-    ``no_weight_decay()`` (timm's convention: the ViT's position embedding; the head names none): the fine-tuning
-    parameter groups (engine/optim.py) under timm's rule, decayed group first."""
-    from torch import nn
-
-    from vit_adapter.engine.optim import param_groups
-
-    both = nn.ModuleList(modules)
-    skip = [f"{i}.{n}" for i, m in enumerate(modules) if hasattr(m, "no_weight_decay") for n in m.no_weight_decay()]
-    groups = param_groups(both, lr=0.0, weight_decay=weight_decay, no_decay=skip, no_decay_rule="ndim_or_listed")
-    return [
-        {"params": g["params"], "weight_decay": g["weight_decay"]}
-        for g in sorted(groups, key=lambda g: not g["weight_decay"])
-    ]
-
-
-def lr_at(progress: float, step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup over ``warmup_steps`` then cosine from ``lr`` to ``min_lr`` (engine/optim.py)."""
-    from vit_adapter.engine.optim import warmup_cosine_lr
-
-    return warmup_cosine_lr(progress, step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
@@ -383,6 +359,7 @@ def run(cfg: PretrainConfig, out: str | Path) -> dict[str, Any]:
 def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
     import torch
 
+    from vit_adapter.engine.optim import listed_param_groups, warmup_cosine_lr
     from vit_adapter.engine.progress import log_progress
     from vit_adapter.engine.rundir import run_metadata
     from vit_adapter.engine.weights import _save_safetensors, sha256_file, sidecar_path
@@ -412,7 +389,7 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
     head = build_head(vkw["embed_dim"], objective.num_classes)
     vit.train()
     head.train()
-    opt = torch.optim.AdamW(_param_groups([vit, head], cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
+    opt = torch.optim.AdamW(listed_param_groups([vit, head], cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
     params = [p for g in opt.param_groups for p in g["params"]]
     total = cfg.resolved_steps()
     gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation
@@ -440,7 +417,7 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
                 break
             if time_frac > progress:
                 time_limited, progress = True, time_frac
-        lr = lr_at(progress, step, cfg)
+        lr = warmup_cosine_lr(progress, step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = perm[(step % batches_per_epoch) * bs : (step % batches_per_epoch + 1) * bs]
