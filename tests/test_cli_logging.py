@@ -52,7 +52,7 @@ def trained(tmp_path_factory, data_root) -> tuple[Path, list[logging.LogRecord],
             records.append(record)
 
     keep = Keep()
-    logger = logging.getLogger("vit_adapter.engine.trainer")
+    logger = logging.getLogger("vit_adapter.engine.progress")
     logger.addHandler(keep)
     stdout = io.StringIO()
     try:
@@ -151,18 +151,18 @@ def test_missing_weights_say_how_to_make_them(data_root, tmp_path, capsys) -> No
 def test_run_log_appends_to_the_file_and_falls_back_to_stderr(tmp_path, capsys, monkeypatch) -> None:
     import threading
 
-    from vit_adapter.engine import trainer
+    from vit_adapter.engine import progress
 
-    monkeypatch.setattr(trainer.log, "propagate", False)  # as outside pytest: no handler configured anywhere
+    monkeypatch.setattr(progress.log, "propagate", False)  # as outside pytest: no handler configured anywhere
     path = tmp_path / "train.log"
-    with trainer.run_log(path):
-        trainer.log.info("first")
-    with trainer.run_log(path):  # a resumed run continues the same file
-        trainer.log.info("second")
-        other = threading.Thread(target=trainer.log.info, args=("another run's thread",))  # a sweep's other trial
+    with progress.run_log(path):
+        progress.log.info("first")
+    with progress.run_log(path):  # a resumed run continues the same file
+        progress.log.info("second")
+        other = threading.Thread(target=progress.log.info, args=("another run's thread",))  # a sweep's other trial
         other.start()
         other.join()
-    trainer.log.info("after")  # detached
+    progress.log.info("after")  # detached
     err = capsys.readouterr().err
     assert "first" in err and "second" in err and "another run" not in err and "after" not in err
     assert [line.split(" ", 2)[2] for line in path.read_text(encoding="utf-8").splitlines()] == ["first", "second"]

@@ -12,7 +12,8 @@ import torch
 from vit_adapter.cli import main
 from vit_adapter.data import generate_dataset
 from vit_adapter.engine.config import load_config
-from vit_adapter.engine.trainer import Hooks, StopTraining, train
+from vit_adapter.engine.hooks import Callbacks, StopTraining
+from vit_adapter.engine.trainer import train
 
 BASELINE = [
     "model.n_interactions=0",
@@ -122,7 +123,7 @@ def test_resume_is_bit_exact_and_seed_is_deterministic(tmp_path, data_root) -> N
 
     resumed = tmp_path / "resumed"
     with pytest.raises(StopTraining):
-        train(cfg, resumed, progress=False, hooks=Hooks(after_iteration=stop_after_first_epoch))
+        train(cfg, resumed, progress=False, hooks=[Callbacks(after_iteration=stop_after_first_epoch)])
     assert resumed.with_name("resumed.partial").is_dir() and not resumed.exists()
     train(cfg, resumed, progress=False)
     assert (resumed / "metrics.json").read_bytes() == (straight / "metrics.json").read_bytes()
@@ -218,3 +219,167 @@ def test_paper_profile_uses_80_coco_classes_plus_background() -> None:
     with torch.device("meta"):
         model = build_model(cfg)
     assert model.roi_heads.box_predictor.cls_score.out_features == 81
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop's hooks, the data path and the run directory's reuse
+
+
+def test_a_checkpoint_is_on_disk_before_the_evaluation_of_its_iteration(tmp_path, data_root) -> None:
+    sets = tiny_sets(data_root, "seg", iters=4, extra=["train.eval_interval=2", "train.checkpoint_interval=2"])
+    cfg = load_config("cpu_default", [], sets)
+    straight = tmp_path / "straight"
+    train(cfg, straight, progress=False)
+
+    def fail_first_eval(it: int, metrics: dict) -> None:  # an evaluation that dies (e.g. a collective error)
+        raise RuntimeError("evaluation failed")
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train(cfg, out, progress=False, hooks=[Callbacks(after_eval=fail_first_eval)])
+    ckpts = sorted(p.name for p in (out.with_name("run.partial") / "checkpoints").iterdir())
+    assert ckpts == ["iter_00000002.pt"]  # saved before the evaluation, not lost with it
+    train(cfg, out, progress=False)  # resumes at 2, evaluates iteration 2 first, then goes on
+    assert (out / "metrics.json").read_bytes() == (straight / "metrics.json").read_bytes()
+    assert _losses(out) == _losses(straight)
+
+
+def test_the_grouped_epoch_order_is_computed_once_per_epoch(monkeypatch) -> None:
+    from vit_adapter.engine import sampling
+    from vit_adapter.engine.distributed import Dist
+
+    calls: list[int] = []
+    real = sampling.grouped_epoch_order
+
+    def counted(groups, chunk, seed, epoch):
+        calls.append(epoch)
+        return real(groups, chunk, seed, epoch)
+
+    monkeypatch.setattr(sampling, "grouped_epoch_order", counted)
+
+    class Sizes:  # 10 images, 6 landscape and 4 portrait, as a COCO dataset's annotation sizes
+        ids = list(range(10))
+        coco = type("C", (), {"imgs": {i: {"width": 4 if i < 6 else 2, "height": 3} for i in range(10)}})()
+
+        def __len__(self) -> int:
+            return 10
+
+    extra = ["data.group_by_aspect=true", "train.max_iters=12", "data.batch_size=2"]
+    cfg = load_config("cpu_default", [], tiny_sets(Path("unused"), "det", extra=extra))
+    schedule = sampling.Schedule(cfg, Sizes(), 2, 0, Dist())
+    loop_iter, loader_iter = schedule.batches(), schedule.batches()  # the loop's and the DataLoader's
+    seen = [(next(loader_iter), next(loader_iter), next(loop_iter))[2] for _ in range(6)] + list(loop_iter)
+    assert len(seen) == 12 and [e for _, e, _ in seen] == [k // 5 for k in range(12)]  # 5 batches of 2 per epoch
+    assert sorted(calls) == [0, 1, 2]  # once per epoch, for both iterators together
+    assert [b for _, e, b in seen if e == 1] == [
+        real([0] * 6 + [1] * 4, 2, cfg.train.seed, 1)[k : k + 2] for k in range(0, 10, 2)
+    ]
+
+
+def test_evaluation_through_dataloader_workers_gives_the_same_metrics(data_root) -> None:
+    from vit_adapter.engine.build import build_datasets, build_model
+    from vit_adapter.engine.evaluation import evaluate
+
+    results = []
+    for workers in (0, 2):
+        cfg = load_config("cpu_default", [], tiny_sets(data_root, "seg", extra=[f"data.num_workers={workers}"]))
+        _, val_set, collate = build_datasets(cfg, 0)
+        torch.manual_seed(0)
+        results.append(evaluate(build_model(cfg), val_set, collate, cfg, torch.device("cpu"), progress=False))
+    assert results[0] == results[1] and "mIoU" in results[0]
+
+
+def test_fp16_a_non_finite_loss_skips_the_step_instead_of_stopping() -> None:
+    from types import SimpleNamespace
+
+    from vit_adapter.engine.distributed import Dist
+    from vit_adapter.engine.hooks import Hook, default_hooks
+    from vit_adapter.engine.trainer import _step
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x, y):
+            return {"loss": ((self.w * x - y) ** 2).sum()}
+
+    class Inf(Hook):
+        def after_loss(self, loop, losses) -> None:
+            losses["loss"] = losses["loss"] * float("inf")
+
+    cfg = load_config("cpu_default", [], ["optim.clip_grad=null"])
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    loop = SimpleNamespace(
+        cfg=cfg, net=model, model=model, optimizer=opt, scaler=scaler, d=Dist(), device=torch.device("cpu"),
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0), done=0,
+        schedule=SimpleNamespace(split=lambda idx: [idx]), train_set=[0], losses={},
+        collate=lambda items: (torch.ones(3), torch.zeros(3)),
+    )  # fmt: skip
+    hooks = default_hooks([Inf()])
+    _step(loop, [0], None, hooks)  # no DivergedError: the scaler sees inf gradients and skips the step
+    assert torch.equal(model.w.detach(), torch.ones(3)) and scaler.get_scale() == 256.0
+    loop.scaler = None  # fp32: the same loss stops the run
+    with pytest.raises(FloatingPointError, match="loss is inf at iteration 1"):
+        _step(loop, [0], None, hooks)
+
+
+def test_reuse_or_reset_keeps_what_was_trained_for_this_identity(tmp_path) -> None:
+    from vit_adapter.engine.rundir import IDENTITY_FILE, reuse_or_reset
+
+    out = tmp_path / "s0"
+    assert reuse_or_reset(out, "a") == "absent"
+    out.mkdir()  # a finished run as the trainer leaves it: run.json records its identity
+    (out / "metrics.json").write_text("{}")
+    (out / "run.json").write_text(json.dumps({"identity": "a"}))
+    assert reuse_or_reset(out, "a") == "finished" and out.is_dir()
+    work = out.with_name("s0.partial")
+    work.mkdir()
+    (work / IDENTITY_FILE).write_text("b\n")
+    assert reuse_or_reset(out, "b") == "partial"  # the stale finished run goes, the matching work dir resumes
+    assert not out.exists() and work.is_dir()
+    assert reuse_or_reset(out, "c") == "absent" and not work.exists()
+    # A caller with a wider identity records it beside the run; only that marker counts then.
+    assert reuse_or_reset(out, "sweep-id", record=True) == "absent"
+    assert out.with_name("s0.identity").read_text().strip() == "sweep-id"
+
+
+def test_one_rank_seeing_an_infinite_loss_stops_every_rank(tmp_path, data_root) -> None:
+    import os
+    import subprocess
+    import sys
+
+    sets = tiny_sets(data_root, "seg", iters=4, extra=["data.batch_size=2", "train.dist_timeout_s=60"])
+    cfg = load_config("cpu_default", [], sets)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    helper = Path(__file__).parent / "helpers" / "ddp_diverge.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*cmd, str(helper), json.dumps(cfg.to_dict()), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ended = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert ended[1].startswith("diverged: loss is inf at iteration 2"), ended
+    assert ended[0].startswith("diverged: loss is nan on another rank at iteration 2"), ended
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-only backend needs a CUDA device")
+@pytest.mark.parametrize("task", ["seg", "det"])
+def test_train_and_eval_under_a_cuda_only_backend(tmp_path, data_root, task: str) -> None:
+    """NCCL's device rule (collectives take CUDA tensors only) on 2 processes: evaluation's confusion-matrix sum
+    and every other collective must run on the group's device."""
+    import os
+    import subprocess
+    import sys
+
+    extra = ["data.batch_size=2", "train.device=cuda", "train.dist_timeout_s=120"]
+    cfg = load_config("cpu_default", [], tiny_sets(data_root, task, iters=2, extra=extra))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    helper = Path(__file__).parent / "helpers" / "ddp_device_rule.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*cmd, str(helper), json.dumps(cfg.to_dict()), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((tmp_path / "metrics.json").read_text())
+    assert ("mIoU" if task == "seg" else "bbox_mAP") in final

@@ -19,11 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import kill_after_iteration
 from tests.test_engine import tiny_sets
 from vit_adapter import __version__
 from vit_adapter.cli import main
 from vit_adapter.data import generate_dataset
-from vit_adapter.engine import trainer
+from vit_adapter.engine import hooks, trainer
 from vit_adapter.engine.rundir import MARKER_FILE
 from vit_adapter.utils.locks import DirLock, lock_path
 
@@ -177,8 +178,8 @@ def test_3_sigint_exits_130_and_the_same_command_resumes(tmp_path, data_root, st
         if it == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
-    hooks = trainer.Hooks
-    monkeypatch.setattr(trainer, "Hooks", lambda: hooks(after_iteration=interrupt_after_2))  # train()'s default
+    defaults = trainer.default_hooks  # what train() adds to every run: here also a hook that sends SIGINT
+    monkeypatch.setattr(trainer, "default_hooks", lambda extra: defaults([*extra, hooks.Callbacks(interrupt_after_2)]))
     code, err = _cli(_train(out, data_root), capsys)
     assert code == 130
     _one_line(err, "interrupted by SIGINT after iteration 2;")
@@ -323,14 +324,14 @@ def test_8_truncated_latest_checkpoint_falls_back_and_stale_temp_is_dropped(
 
     def stop_after_4(it: int) -> None:
         if it == 4:
-            raise trainer.StopTraining("test interruption")
+            raise hooks.StopTraining("test interruption")
 
     from vit_adapter.engine.config import load_config
 
     cfg_args = _train(out, data_root, iters=6)
     sets = tiny_sets(data_root, "seg", iters=6, extra=["train.checkpoint_interval=2"])
-    with pytest.raises(trainer.StopTraining):
-        trainer.train(load_config("cpu_default", [], sets), out, progress=False, hooks=trainer.Hooks(stop_after_4))
+    with pytest.raises(hooks.StopTraining):
+        trainer.train(load_config("cpu_default", [], sets), out, progress=False, hooks=[hooks.Callbacks(stop_after_4)])
     ckpts = _partial(out) / "checkpoints"
     assert [p.name for p in sorted(ckpts.glob("iter_*.pt"))] == ["iter_00000002.pt", "iter_00000004.pt"]
     latest = ckpts / "iter_00000004.pt"
@@ -406,7 +407,7 @@ def test_version(capsys) -> None:
 def test_kill_9_then_the_same_command_resumes_byte_identically(tmp_path, data_root, straight) -> None:
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "vit_adapter.cli", *_train(out, data_root)]
-    env = {**os.environ, "VIT_ADAPTER_KILL_AFTER_ITER": "2", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **kill_after_iteration(2), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not out.exists() and (_partial(out) / "checkpoints" / "iter_00000002.pt").is_file()

@@ -22,7 +22,7 @@ from tests.test_engine import tiny_sets
 from tests.test_faults import ADE_TRAIN, _cli, _one_line, _partial, _train, _tree
 from vit_adapter.cli import main
 from vit_adapter.data import generate_dataset
-from vit_adapter.engine import trainer
+from vit_adapter.engine import hooks, trainer
 from vit_adapter.engine.config import load_config
 from vit_adapter.utils.locks import lock_path
 
@@ -93,16 +93,16 @@ def _stop_at(n: int, cfg_sets: list[str], out: Path) -> None:
 
     def stop(it: int) -> None:
         if it == n:
-            raise trainer.StopTraining("test interruption")
+            raise hooks.StopTraining("test interruption")
 
-    with pytest.raises(trainer.StopTraining):
-        trainer.train(load_config("cpu_default", [], cfg_sets), out, progress=False, hooks=trainer.Hooks(stop))
+    with pytest.raises(hooks.StopTraining):
+        trainer.train(load_config("cpu_default", [], cfg_sets), out, progress=False, hooks=[hooks.Callbacks(stop)])
 
 
 def _hooked(monkeypatch, after_iteration) -> None:
-    """Make the CLI's train() run with `after_iteration` (train()'s default Hooks())."""
-    hooks = trainer.Hooks
-    monkeypatch.setattr(trainer, "Hooks", lambda: hooks(after_iteration=after_iteration))
+    """Make the CLI's train() run with `after_iteration` too (a hook added to train()'s default hooks)."""
+    defaults = trainer.default_hooks
+    monkeypatch.setattr(trainer, "default_hooks", lambda extra: defaults([*extra, hooks.Callbacks(after_iteration)]))
 
 
 # ---------------------------------------------------------------------------------------------------------

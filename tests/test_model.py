@@ -263,11 +263,12 @@ def test_no_weight_decay_names_the_official_embeddings(variant: str) -> None:
 
 
 def test_pretrain_param_groups_use_the_vit_no_weight_decay_unchanged() -> None:
-    from vit_adapter.engine.pretrain import _param_groups, build_head
+    from vit_adapter.engine.optim import listed_param_groups
+    from vit_adapter.engine.pretrain import build_head
 
     vit = _tiny().vit
     head = build_head(64)
-    groups = _param_groups([vit, head], 0.05)
+    groups = listed_param_groups([vit, head], 0.05)
     # The previous rule, written out: 1-D parameters and the position embedding get no decay.
     old_decay = [p for m in (vit, head) for n, p in m.named_parameters() if not (p.ndim <= 1 or n == "pos_embed")]
     old_skip = [p for m in (vit, head) for n, p in m.named_parameters() if p.ndim <= 1 or n == "pos_embed"]

@@ -18,19 +18,12 @@ from vit_adapter.cli import main
 from vit_adapter.data import generate_dataset
 from vit_adapter.engine.build import build_datasets, build_model
 from vit_adapter.engine.config import ConfigError, load_config
-from vit_adapter.engine.trainer import (
-    Dist,
-    Hooks,
-    StopTraining,
-    aspect_groups,
-    count_flops,
-    evaluate,
-    grouped_epoch_order,
-    iteration_batches,
-    per_process_batch,
-    slide_logits,
-    train,
-)
+from vit_adapter.engine.costs import count_flops
+from vit_adapter.engine.distributed import Dist, per_process_batch
+from vit_adapter.engine.evaluation import evaluate, slide_logits
+from vit_adapter.engine.hooks import Callbacks, StopTraining
+from vit_adapter.engine.sampling import aspect_groups, grouped_epoch_order, iteration_batches
+from vit_adapter.engine.trainer import train
 
 from .helpers.dist_eval import seeded_model
 from .test_engine import tiny_sets
@@ -139,16 +132,16 @@ def test_slide_logits_on_a_hand_made_case() -> None:
 
 
 def test_slide_mode_is_used_by_evaluation(data_root, monkeypatch) -> None:
-    import vit_adapter.engine.trainer as trainer
+    import vit_adapter.engine.evaluation as evaluation
 
     seen = []
-    real = trainer.slide_logits
+    real = evaluation.slide_logits
 
     def spy(model, images, *, crop, stride):
         seen.append((tuple(images.shape[-2:]), crop, stride))
         return real(model, images, crop=crop, stride=stride)
 
-    monkeypatch.setattr(trainer, "slide_logits", spy)
+    monkeypatch.setattr(evaluation, "slide_logits", spy)
     sets = tiny_sets(data_root, "seg", extra=["data.test_mode=slide", "data.slide_stride=32", "data.image_size=32"])
     cfg = load_config("cpu_default", [], sets)
     _, val_set, collate = build_datasets(cfg, 0)
@@ -191,7 +184,7 @@ def test_resume_with_two_workers_is_exact(tmp_path, data_root) -> None:
 
     resumed = tmp_path / "resumed"
     with pytest.raises(StopTraining):
-        train(workers, resumed, progress=False, hooks=Hooks(after_iteration=stop))
+        train(workers, resumed, progress=False, hooks=[Callbacks(after_iteration=stop)])
     train(workers, resumed, progress=False)
     assert (resumed / "metrics.json").read_bytes() == (straight / "metrics.json").read_bytes()
     # The workers load exactly the in-process batches: same metrics as num_workers 0.
@@ -231,7 +224,7 @@ def _tiny_detector(data_root, *extra: str):
     return cfg, build_model(cfg)
 
 
-def test_proposals_and_box_regression_stay_fp32_under_autocast(data_root) -> None:
+def test_proposals_and_box_regression_stay_fp32_underautocast(data_root) -> None:
     _, model = _tiny_detector(data_root)
     seen: dict[str, torch.dtype] = {}
 
@@ -409,7 +402,7 @@ def test_flops_count_attention(data_root) -> None:
 def test_amp_settings_reach_autocast_and_the_grad_scaler() -> None:
     import warnings
 
-    from vit_adapter.engine.trainer import _autocast, make_grad_scaler
+    from vit_adapter.engine.amp import autocast, make_grad_scaler
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     fp16 = load_config("ade20k_upernet_160k_s")  # DeiT UperNet: fp16 with loss scale 512 (reference §2)
@@ -419,13 +412,13 @@ def test_amp_settings_reach_autocast_and_the_grad_scaler() -> None:
         warnings.simplefilter("ignore")  # constructing CUDA objects on a CPU-only machine warns
         scaler = make_grad_scaler(fp16, cuda)
         assert isinstance(scaler, torch.amp.GradScaler)  # enabled on a CUDA machine (disabled here: no CUDA)
-        assert _autocast(fp16, cuda).fast_dtype == torch.float16
+        assert autocast(fp16, cuda).fast_dtype == torch.float16
         bf16 = load_config("cpu_default", [], ["train.amp=true", "train.amp_dtype=bf16"])
-        assert make_grad_scaler(bf16, cuda) is None and _autocast(bf16, cuda).fast_dtype == torch.bfloat16
+        assert make_grad_scaler(bf16, cuda) is None and autocast(bf16, cuda).fast_dtype == torch.bfloat16
 
 
 def test_syncbn_is_the_default_under_ddp_on_cuda() -> None:
-    from vit_adapter.engine.trainer import use_syncbn
+    from vit_adapter.engine.distributed import use_syncbn
 
     paper = load_config("coco_maskrcnn_1x_s")  # model.norm null
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .helpers import kill_after_iteration
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -146,7 +148,7 @@ def test_dvc_structure(micro_repo: Path) -> None:
 
 def test_micro_profile_runs_every_stage_and_resumes_after_kill(micro_repo: Path) -> None:
     # Kill the first training process after iteration 2 (its checkpoint is written), like `kill -9`.
-    killed = _dvc(micro_repo, "repro", "train@full", env={"VIT_ADAPTER_KILL_AFTER_ITER": "2"}, check=False)
+    killed = _dvc(micro_repo, "repro", "train@full", env=kill_after_iteration(2), check=False)
     assert killed.returncode != 0
     partial = micro_repo / "results/runs/full/s0.partial"
     assert partial.is_dir() and any((partial / "checkpoints").glob("iter_*.pt"))

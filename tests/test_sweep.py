@@ -19,12 +19,12 @@ from optuna.trial import TrialState
 from tests.test_engine import tiny_sets
 from vit_adapter.data import generate_dataset
 from vit_adapter.engine.identity import sha256_file
+from vit_adapter.engine.rundir import reuse_or_reset
 from vit_adapter.sweep import (
     KILL_ENV,
     REFERENCE_POINTS,
     SweepError,
     SweepSettings,
-    _forget_if_stale,
     add_sweep_args,
     create_study,
     export_study,
@@ -271,14 +271,14 @@ def test_a_run_trained_for_another_identity_is_not_reused(tmp_path) -> None:
     run.mkdir(parents=True)
     (run / "metrics.json").write_text("{}")
     (tmp_path / "trial_0000" / "seed_0.partial").mkdir()
-    _forget_if_stale(run, "new")  # no marker: trained by something that did not record its identity
+    reuse_or_reset(run, "new", record=True)  # no marker: trained by something that did not record its identity
     assert not run.exists() and not run.with_name("seed_0.partial").exists()
     assert (tmp_path / "trial_0000" / "seed_0.identity").read_text().strip() == "new"
     run.mkdir()
     (run / "metrics.json").write_text("{}")
-    _forget_if_stale(run, "new")  # the same identity: kept
+    reuse_or_reset(run, "new", record=True)  # the same identity: kept
     assert (run / "metrics.json").is_file()
-    _forget_if_stale(run, "other")  # changed config or inputs: discarded
+    reuse_or_reset(run, "other", record=True)  # changed config or inputs: discarded
     assert not run.exists()
 
 

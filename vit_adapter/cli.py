@@ -212,8 +212,8 @@ def _check_writable(out: Path) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.config import load_config
+    from .engine.evaluation import evaluate_checkpoint
     from .engine.rundir import RunDir
-    from .engine.trainer import evaluate_checkpoint
     from .utils.io import atomic_write_json
 
     if args.seed is not None:
@@ -395,8 +395,8 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def _main(argv: Sequence[str] | None) -> int:
     import signal
 
+    from .engine.hooks import StopTraining
     from .engine.rundir import RunDirError
-    from .engine.trainer import StopTraining
     from .utils.locks import DirectoryInUseError
 
     parser = build_parser()

@@ -29,7 +29,7 @@ import yaml
 
 from .engine.config import Config, load_config, save_config
 from .engine.identity import code_digest, identity_of, run_identity
-from .engine.rundir import RunDir
+from .engine.rundir import reuse_or_reset
 from .utils.io import atomic_path, atomic_write_json, sha256_file
 from .utils.paths import project_root
 
@@ -207,27 +207,15 @@ def weights_target_error(params: dict[str, Any], repo: Path) -> str | None:
     return None
 
 
-def _finished_identity(out: Path) -> str | None:
-    """The identity a finished run directory recorded (None if unfinished or written before identities)."""
-    try:
-        if RunDir(out).status() == "finished":
-            return json.loads((out / "run.json").read_text(encoding="utf-8")).get("identity")
-    except (OSError, json.JSONDecodeError):
-        pass
-    return None
-
-
 def _run_one(cfg: Config, out: Path, launcher: str | None = None) -> tuple[str, int, bool]:
     """Train one (variant, seed) in its own process (1 thread each: two 1-thread processes beat one 2-thread
     process on this machine, docs/performance.md), or through `launcher` (params.yaml, e.g. ``torchrun
     --standalone --nproc_per_node 8``: one run on 8 GPUs). Returns (name, exit code, whether it trained)."""
     identity, _ = run_identity(cfg)
-    run = RunDir(out)
-    if out.is_dir():
-        if _finished_identity(out) == identity:
-            return out.name, 0, False  # finished from the same config, code, data and weights
-        shutil.rmtree(out)  # stale: another config or other input bytes (its work dir may still resume)
-    resume = run.work_identity() == identity
+    state = reuse_or_reset(out, identity)  # stale: another config or other input bytes
+    if state == "finished":
+        return out.name, 0, False  # finished from the same config, code, data and weights
+    resume = state == "partial"
     cfg_file = out.with_name(out.name + ".config.yaml")
     save_config(cfg, cfg_file)
     python = shlex.split(launcher) if launcher else [sys.executable]

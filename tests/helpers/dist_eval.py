@@ -1,4 +1,4 @@
-"""Run under `torchrun --nproc_per_node 2`: sharded evaluation of a seeded tiny model (trainer.evaluate with the
+"""Run under `torchrun --nproc_per_node 2`: sharded evaluation of a seeded tiny model (evaluation.evaluate with the
 process group); rank 0 writes the gathered metrics as JSON. The test compares them with one process's."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from vit_adapter.engine.build import build_datasets, build_model
 from vit_adapter.engine.config import config_from_dict
-from vit_adapter.engine.trainer import Dist, evaluate
+from vit_adapter.engine.distributed import Dist
+from vit_adapter.engine.evaluation import evaluate
 
 
 def seeded_model(cfg):

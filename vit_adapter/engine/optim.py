@@ -1,7 +1,9 @@
-"""AdamW with the official parameter groups and the warmup + step/poly schedules (reference §2)."""
+"""AdamW with the official parameter groups and the warmup + step/poly schedules (reference §2); the ViT
+pretraining (engine/pretrain.py) takes its parameter groups and its warmup + cosine schedule from here too."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -39,7 +41,9 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if no_decay_rule == "ndim_or_bias":
+        if no_decay_rule == "ndim_or_listed":  # timm's rule: 1-D tensors and the exact names listed (no_weight_decay())
+            decay = not (p.ndim <= 1 or name in no_decay)
+        elif no_decay_rule == "ndim_or_bias":
             # The official layer-decay constructor: 1-D tensors (norms, biases, gamma, level_embed) and ".bias";
             # its extra name check for pos_embed never matches the prefixed names, so pos_embed *is* decayed.
             decay = not (p.ndim == 1 or name.endswith(".bias"))
@@ -57,6 +61,19 @@ def param_groups(
         g["lr"] = lr * g["lr_scale"]
         out.append(g)
     return out
+
+
+def listed_param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict]:
+    """The pretraining's two groups (decayed first): no weight decay on biases, norms, LayerScale gammas (all 1-D)
+    and what each module names in its ``no_weight_decay()`` (timm's convention: the ViT's position embedding)."""
+    skip = [f"{i}.{n}" for i, m in enumerate(modules) if hasattr(m, "no_weight_decay") for n in m.no_weight_decay()]
+    groups = param_groups(
+        nn.ModuleList(modules), lr=0.0, weight_decay=weight_decay, no_decay=skip, no_decay_rule="ndim_or_listed"
+    )
+    return [
+        {"params": g["params"], "weight_decay": g["weight_decay"]}
+        for g in sorted(groups, key=lambda g: not g["weight_decay"])
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, num_layers: int) -> torch.optim.AdamW:
@@ -85,6 +102,15 @@ def lr_factor(it: int, cfg: OptimConfig, max_iters: int) -> float:
         k = (1 - it / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
         return regular * (1 - k)
     return regular
+
+
+def warmup_cosine_lr(progress: float, step: int, *, lr: float, min_lr: float, warmup_steps: int) -> float:
+    """The pretraining schedule (an absolute lr, set on every group each step): linear warmup over
+    ``warmup_steps`` then cosine from ``lr`` to ``min_lr`` over ``progress`` in [0, 1] (which may follow wall
+    time, so it is not a function of the step alone as ``lr_factor`` is)."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    cos = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return warm * (min_lr + (lr - min_lr) * cos)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_iters: int):

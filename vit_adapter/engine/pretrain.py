@@ -279,24 +279,6 @@ def init_sincos_pos_embed(vit: PlainViT) -> None:
         vit.pos_embed.copy_(pe.reshape(vit.pos_embed.shape))
 
 
-def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, LayerScale gammas (all 1-D) and what each module names in its
-    ``no_weight_decay()`` (timm's convention: the ViT's position embedding; the head names none)."""
-    decay, no_decay = [], []
-    for m in modules:
-        skip = m.no_weight_decay() if hasattr(m, "no_weight_decay") else set()
-        for name, p in m.named_parameters():
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(progress: float, step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup over ``warmup_steps`` then cosine from ``lr`` to ``min_lr`` over ``progress`` in [0, 1]."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
-    cos = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    return warm * (cfg.min_lr + (cfg.lr - cfg.min_lr) * cos)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
@@ -377,6 +359,8 @@ def run(cfg: PretrainConfig, out: str | Path) -> dict[str, Any]:
 def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
     import torch
 
+    from vit_adapter.engine.optim import listed_param_groups, warmup_cosine_lr
+    from vit_adapter.engine.progress import log_progress
     from vit_adapter.engine.rundir import run_metadata
     from vit_adapter.engine.weights import _save_safetensors, sha256_file, sidecar_path
     from vit_adapter.models.vit import PlainViT
@@ -405,7 +389,7 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
     head = build_head(vkw["embed_dim"], objective.num_classes)
     vit.train()
     head.train()
-    opt = torch.optim.AdamW(_param_groups([vit, head], cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
+    opt = torch.optim.AdamW(listed_param_groups([vit, head], cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
     params = [p for g in opt.param_groups for p in g["params"]]
     total = cfg.resolved_steps()
     gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation
@@ -433,7 +417,7 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
                 break
             if time_frac > progress:
                 time_limited, progress = True, time_frac
-        lr = lr_at(progress, step, cfg)
+        lr = warmup_cosine_lr(progress, step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = perm[(step % batches_per_epoch) * bs : (step % batches_per_epoch + 1) * bs]
@@ -469,7 +453,8 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
                 "seconds": round(timer.elapsed(), 1),
             }
             history.append(rec)
-            log.info("pretrain %s", rec)
+            now = time.perf_counter() - t_train
+            log_progress(step, total, rec["train_loss"], lr, now / step, now / step * (total - step))
             run_loss = run_correct = run_seen = run_counted = 0.0
     train_s = time.perf_counter() - t_train
 

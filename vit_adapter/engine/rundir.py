@@ -12,6 +12,8 @@ See docs/faults.md.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
 import random
@@ -41,6 +43,7 @@ MARKER_FILE = "VIT_ADAPTER_RUN"  # "this directory is a run this tool wrote": th
 _CKPT_RE = re.compile(r"^iter_(\d+)\.pt$")
 
 
+log = logging.getLogger(__name__)
 RunStatus = Literal["finished", "partial", "damaged", "absent"]
 
 
@@ -243,6 +246,47 @@ def open_run_dir(out: str | Path, identity: str, *, resume: bool = True, overwri
         lock.release()
         raise
     return RunDir(run.out, lock=lock)
+
+
+def identity_marker(out: str | Path) -> Path:
+    """``<out>.identity``: the identity a caller trains ``out`` for, when it is more than the trainer's own (the
+    sweep's includes its study inputs); written before training starts."""
+    out = Path(out)
+    return out.with_name(out.name + ".identity")
+
+
+def recorded_identity(out: str | Path, *, finished: bool) -> str | None:
+    """The identity ``out`` was trained for: its ``<out>.identity`` marker, else what the trainer recorded (the
+    finished run's run.json, or the work dir's RUN_IDENTITY); None when there is none."""
+    run, marker = RunDir(Path(out)), identity_marker(out)
+    try:
+        if marker.is_file():
+            return marker.read_text(encoding="utf-8").strip()
+        if finished:
+            return json.loads((run.out / "run.json").read_text(encoding="utf-8")).get("identity")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return run.work_identity()
+
+
+def reuse_or_reset(out: str | Path, identity: str, *, record: bool = False) -> RunStatus:
+    """Reuse or reset the run directory ``out`` for a run of ``identity``: 'finished' when ``out`` holds a run
+    finished for it (keep its results), 'partial' when ``<out>.partial`` was opened for it (resume its
+    checkpoint), else 'absent' after deleting whatever another identity left (train from scratch). ``record``:
+    write ``identity`` to ``<out>.identity`` first, for callers whose identity is not the trainer's."""
+    run = RunDir(Path(out))
+    if run.status() == "finished" and recorded_identity(out, finished=True) == identity:
+        return "finished"
+    resumable = run.work.is_dir() and recorded_identity(out, finished=False) == identity
+    if os.path.lexists(run.out) or (run.work.exists() and not resumable):
+        log.warning("%s was trained for other inputs; training it again (identity now %s)", run.out, identity)
+    if resumable:  # a finished (or damaged) `out` of another identity goes; the work dir resumes
+        shutil.rmtree(run.out, ignore_errors=True)
+    else:
+        run.discard()
+    if record:
+        atomic_write_text(identity_marker(out), identity + "\n")
+    return "partial" if resumable else "absent"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -49,7 +49,6 @@ from .locks import (
 )
 from .objective import (
     ExactTrialBudget,
-    _forget_if_stale,
     collect_references,
     run_reference,
     train_or_load,
@@ -107,7 +106,6 @@ __all__ = [
     "SweepSettings",
     "TrialFailed",
     "WorkerLocks",
-    "_forget_if_stale",
     "add_sweep_args",
     "collect_references",
     "create_study",

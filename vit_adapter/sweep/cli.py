@@ -68,7 +68,7 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
 def run_sweep_from_args(args: argparse.Namespace) -> int:
     """Exit code: 0 done or time budget spent, 1 too many diverged trials, 130 interrupted (rerun to resume).
     Bad settings raise SweepError/ConfigError (exit 2 in the CLI)."""
-    from ..engine.trainer import StopTraining
+    from ..engine.hooks import StopTraining
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")

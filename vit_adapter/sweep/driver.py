@@ -80,7 +80,7 @@ def _worker_process(settings_dict: dict[str, Any], worker: int, deadline: float 
     """Entry point of a spawned worker process."""
     os.environ["OMP_NUM_THREADS"] = str(settings_dict.get("threads", 1))  # before torch is imported here
     logging.basicConfig(level=logging.INFO, format=f"[worker {worker}] %(message)s")
-    from ..engine.trainer import StopTraining
+    from ..engine.hooks import StopTraining
 
     try:
         run_worker(SweepSettings(**settings_dict), worker, deadline, barrier)

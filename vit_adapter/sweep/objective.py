@@ -19,8 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..engine.config import Config
-from ..engine.rundir import METRICS_FILE, RunDir
-from ..utils.io import atomic_write_text
+from ..engine.rundir import METRICS_FILE, RunDir, identity_marker, recorded_identity, reuse_or_reset
 from .locks import FileLock, WorkerLocks, _trial_lock_path
 from .plan import Plan
 from .settings import FAILURE_ATTR, GAMMA, KILL_ENV, RATIO, REFERENCE_POINTS, TrialFailed
@@ -37,24 +36,6 @@ def _discard_partial(run: Path) -> None:
     RunDir(run).discard(finished=False)
 
 
-def _identity_marker(run: Path) -> Path:
-    return run.with_name(run.name + ".identity")
-
-
-def _forget_if_stale(run: Path, identity: str) -> None:
-    """Discard `run` (finished or partial) unless it was trained for `identity` (config + input digests); then
-    record `identity` for it. The marker sits beside the run directory, so it exists before training starts and
-    a run whose marker is missing or different is never reused."""
-    marker = _identity_marker(run)
-    found = marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
-    if found == identity:
-        return
-    if RunDir(run).status() != "absent":
-        log.warning("%s was trained for other inputs (identity %s, now %s); training it again", run, found, identity)
-        RunDir(run).discard()
-    atomic_write_text(marker, identity + "\n")
-
-
 def train_or_load(
     cfg: Config,
     run: Path,
@@ -66,10 +47,11 @@ def train_or_load(
 ) -> dict[str, Any]:
     """metrics.json of a finished run (cached), else train: resuming `<run>.partial` when it exists. With
     `identity` (Plan.run_identity), a run trained for another identity is discarded first, never reused."""
-    from ..engine.trainer import Hooks, train
+    from ..engine.hooks import Callbacks
+    from ..engine.trainer import train
 
-    if identity is not None:
-        _forget_if_stale(run, identity)
+    if identity is not None:  # a run trained for another identity is discarded, never reused
+        reuse_or_reset(run, identity, record=True)
     if _finished(run):
         result = json.loads((run / METRICS_FILE).read_text(encoding="utf-8"))
         if after_eval is not None:  # replay the evaluations, so a retried trial reports the same steps
@@ -77,7 +59,7 @@ def train_or_load(
                 after_eval(row["iter"], row)
         return result
     # The trainer resumes `<run>.partial` only when its config matches (execution keys such as threads aside).
-    result = train(cfg, run, resume=True, hooks=Hooks(after_iteration, after_eval), progress=False)
+    result = train(cfg, run, resume=True, hooks=[Callbacks(after_iteration, after_eval)], progress=False)
     if not keep_checkpoints:
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return result
@@ -117,9 +99,9 @@ def run_reference(plan: Plan, name: str, seed: int, *, blocking: bool) -> dict[s
 
 
 def _finished_as(run: Path, identity: str) -> bool:
-    """A finished run trained for `identity` (a stale one does not count)."""
-    marker = _identity_marker(run)
-    return _finished(run) and marker.is_file() and marker.read_text(encoding="utf-8").strip() == identity
+    """A finished run trained for `identity` (a stale one does not count; only the sweep's marker is trusted,
+    since the trainer's own identity lacks the study inputs)."""
+    return _finished(run) and identity_marker(run).is_file() and recorded_identity(run, finished=True) == identity
 
 
 def collect_references(plan: Plan, *, run_missing: bool) -> dict[str, Any]:
