@@ -22,7 +22,7 @@ from tests.test_engine import tiny_sets
 from tests.test_faults import ADE_TRAIN, _cli, _one_line, _partial, _train, _tree
 from vit_adapter.cli import main
 from vit_adapter.data import generate_dataset
-from vit_adapter.engine import hooks, trainer
+from vit_adapter.engine import evaluation, hooks, trainer
 from vit_adapter.engine.config import load_config
 from vit_adapter.utils.locks import lock_path
 
@@ -308,7 +308,7 @@ def test_b28_eval_out_that_cannot_be_written_fails_first(tmp_path, straight, cap
         folder.mkdir()
         folder.chmod(0o555)
     calls: list[object] = []
-    monkeypatch.setattr(trainer, "evaluate_checkpoint", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", lambda *a, **k: calls.append(a) or {})
     try:
         out = folder / "metrics.json"
         code, err = _cli(["eval", str(straight), "--quiet", "--out", str(out)], capsys)

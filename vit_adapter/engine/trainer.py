@@ -131,9 +131,11 @@ def train(
                 loop.d.world,
                 cfg.data.batch_size,
             )
+        started: list[Hook] = []  # after_train undoes what a before_train did: only for hooks that started
         try:
             for h in all_hooks:
                 h.before_train(loop)
+                started.append(h)
             for it, epoch, indices in loop.schedule.batches():
                 t0 = time.perf_counter()
                 if epoch != loop.epoch:
@@ -148,7 +150,7 @@ def train(
                     h.after_step(loop)
         finally:
             loop.bar.close()
-            for h in all_hooks:
+            for h in started:
                 h.after_train(loop)
             # Stop the loader's workers now: a traceback that holds this frame (StopTraining) would keep them alive.
             shutdown = getattr(loaded, "_shutdown_workers", None)
