@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import vit_adapter
 from vit_adapter.cli import main
 from vit_adapter.data import generate_dataset
 from vit_adapter.engine.config import load_config
@@ -383,3 +384,24 @@ def test_train_and_eval_under_a_cuda_only_backend(tmp_path, data_root, task: str
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((tmp_path / "metrics.json").read_text())
     assert ("mIoU" if task == "seg" else "bbox_mAP") in final
+
+
+TENSOR_COLLECTIVES = {"all_reduce", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "broadcast"}
+
+
+def test_every_tensor_collective_goes_through_the_group_device() -> None:
+    """NCCL takes only CUDA tensors, so a tensor collective on a CPU tensor (the confusion matrix once was) dies
+    at the first evaluation of a multi-GPU run; a CPU-only CI cannot run NCCL to see it. So: every tensor
+    collective of the package is made in engine/distributed.py, whose helpers move the tensor to the group's
+    device (``Dist.device``) first. Object collectives (``*_object``) pickle through the current CUDA device."""
+    import ast
+
+    package = Path(vit_adapter.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner = node.func.value
+                if node.func.attr in TENSOR_COLLECTIVES and isinstance(owner, ast.Name) and owner.id == "dist":
+                    found.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert found and all(f.startswith("engine/distributed.py:") for f in found), found
