@@ -16,13 +16,12 @@ from vit_adapter.engine.pretrain import (
     PretrainConfig,
     batch_augment,
     build_head,
-    classify,
     head_path,
     load_pretrained,
     pretrain,
     validate,
 )
-from vit_adapter.engine.pretrain_objectives import OBJECTIVE_REGISTRY
+from vit_adapter.engine.pretrain_objectives import OBJECTIVE_REGISTRY, classify
 from vit_adapter.engine.weights import load_weights, sha256_file, sidecar_path
 from vit_adapter.models.vit import PlainViT, load_vit_state_dict
 

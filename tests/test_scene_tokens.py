@@ -14,14 +14,8 @@ import torch.nn.functional as F
 from vit_adapter.data.scene_tokens import SEED_OFFSET, render_token_split, token_histograms
 from vit_adapter.data.sources import load_silhouettes
 from vit_adapter.data.synth import SceneConfig, render_scene, scene_rng
-from vit_adapter.engine.pretrain import (
-    evaluate_tokens,
-    flip_tokens,
-    load_pretrained,
-    pretrain,
-    token_hits,
-    token_loss,
-)
+from vit_adapter.engine.pretrain import load_pretrained, pretrain
+from vit_adapter.engine.pretrain_objectives import evaluate_tokens, flip_tokens, token_hits, token_loss
 from vit_adapter.engine.weights import sidecar_path
 
 

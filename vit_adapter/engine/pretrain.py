@@ -27,22 +27,25 @@ import argparse
 import logging
 import math
 import time
-import types
-import typing
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vit_adapter.config.typed import build_dataclass, check_dataclass, describe
+from vit_adapter.config.typed import build_dataclass, check_dataclass
+from vit_adapter.engine.pretrain_config import (
+    AUGMENTS,
+    DEFAULT_STEPS,
+    HEAD_SUFFIX,
+    N_TRAIN_MAX,
+    N_VAL_MAX,
+    POS_INITS,
+    PretrainConfig,
+    require,
+    type_message,
+    vit_kwargs,
+)
 from vit_adapter.engine.pretrain_objectives import NUM_CLASSES, OBJECTIVE_REGISTRY, normalize
-
-# Importable from here as before the objectives got their own module (tests and callers use these names).
-from vit_adapter.engine.pretrain_objectives import classify as classify
-from vit_adapter.engine.pretrain_objectives import evaluate_tokens as evaluate_tokens
-from vit_adapter.engine.pretrain_objectives import flip_tokens as flip_tokens
-from vit_adapter.engine.pretrain_objectives import token_hits as token_hits
-from vit_adapter.engine.pretrain_objectives import token_loss as token_loss
 
 if TYPE_CHECKING:
     import torch
@@ -52,154 +55,47 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-N_TRAIN_MAX = 60_000  # Fashion-MNIST training items
-N_VAL_MAX = 10_000  # Fashion-MNIST test items (our held-out 'val' split)
-HEAD_SUFFIX = ".head.safetensors"
-# ViT constructor arguments taken from a preset (the adapter-only ones are ignored here).
-_VIT_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "layer_scale", "drop_path_rate")
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """Everything that determines a pretraining run (recorded in the sidecar under ``config``).
-
-    Defaults are the tuned CPU recipe (docs/pretraining.md). ``image_size=None`` means 48 px for the CPU
-    preset (the tuned size) and the preset's ``pretrain_size`` otherwise; ``steps`` and ``epochs`` are
-    alternatives (``steps`` wins if both are given; neither means ``DEFAULT_STEPS``).
-    """
-
-    preset: str = "vit_cpu"
-    # 'classify': 10-way classification of one centred item (mean-pooled tokens). 'scene_tokens': every token of
-    # a generated scene predicts its patch's class histogram (background + 10 classes), a supervised dense
-    # objective at the downstream resolution and object scale (data/scene_tokens.py, docs/pretraining.md).
-    objective: str = "classify"
-    image_size: int | None = None
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 64
-    lr: float = 5e-4
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    beta2: float = 0.999
-    warmup_steps: int = 200
-    label_smoothing: float = 0.1
-    grad_clip: float | None = 1.0
-    drop_path_rate: float | None = 0.0  # None: the preset's rate; short runs do better without (tuning table)
-    n_train: int = 20_000
-    n_val: int = 2_000
-    data_seed: int = 0  # rendering seed of the images; separate from the training seed so caches are shared
-    item_scale: tuple[float, float] = (0.65, 0.9)
-    placement: str = "centre"  # 'centre' (Fashion-MNIST-like) or 'anywhere' (uniform position; small items)
-    augment: str = "none"  # 'crop_flip' (random resized crop + flip), 'flip' or 'none'; none won at this budget
-    pos_init: str = "sincos"  # 'sincos' (2-D sin-cos, MAE-style) or 'normal' (PlainViT's trunc-normal, std .02)
-    crop_scale: tuple[float, float] = (0.6, 1.0)
-    crop_ratio: tuple[float, float] = (0.8, 1.25)
-    # Photometric inversion (255 - x) of this fraction of the images: dark items on bright textures, the other
-    # polarity, which the downstream scenes have and the pretraining images (bright item, dim texture) lack.
-    invert_prob: float = 0.0
-    seed: int = 0
-    threads: int | None = None
-    time_budget_s: float | None = None
-    cache_dir: str | None = None
-    eval_batch_size: int = 250
-    log_every: int = 100
-    # scene_tokens only: the scene generator's difficulty (as the downstream data.generator) and the processes
-    # that render the scenes (the output does not depend on it).
-    scene_difficulty: float = 0.5
-    # Start from the ViT of an earlier pretraining output (its pos_embed resized to this grid): the two-phase
-    # recipe, item classification then scene tokens (docs/pretraining.md). None = random init.
-    init_from: str | None = None
-    render_workers: int = 1
-
-    def resolved_steps(self) -> int:
-        if self.steps is not None:
-            return self.steps
-        if self.epochs is None:
-            return DEFAULT_STEPS
-        return max(1, math.ceil(self.epochs * self.n_train / self.batch_size))
-
-
-DEFAULT_STEPS = 2000
-# Pretraining resolution when image_size is None: tuned for the CPU preset (3x3 tokens; docs/pretraining.md).
-TUNED_IMAGE_SIZE = {"vit_cpu": 48, "vit_adapter_cpu": 48}
-SCENE_IMAGE_SIZE = 128  # scene_tokens default: the downstream CPU profile's image size
 OBJECTIVES = tuple(OBJECTIVE_REGISTRY)
-AUGMENTS = ("crop_flip", "flip", "none")
-POS_INITS = ("normal", "sincos")
-
-
-# The option types are the PretrainConfig annotations, checked by the shared config loader (vit_adapter.config):
-# a string from a config file would otherwise fail deep inside with a TypeError.
-_KINDS = {int: "int", float: "a number", str: "str", bool: "a bool"}
-
-
-def _type_message(name: str, value: Any, tp: Any, source: str) -> str:
-    """``lr must be a number, got '1e-3'``: the annotation without its ``| None``, in short words."""
-    arms = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is types.UnionType else []
-    kind = arms[0] if len(arms) == 1 else tp
-    return f"{name} must be {_KINDS.get(kind) or describe(kind)}, got {value!r}"
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
-def vit_kwargs(
-    preset: str, image_size: int | None, drop_path_rate: float | None, objective: str = "classify"
-) -> dict[str, Any]:
-    """``PlainViT`` constructor arguments of ``preset`` at ``pretrain_size = image_size`` (global attention)."""
-    from vit_adapter.models.factory import preset_kwargs
-
-    kw = preset_kwargs(preset, "seg")  # raises ValueError naming the known presets
-    out = {k: kw[k] for k in _VIT_KEYS if k in kw}
-    if image_size is None:
-        default = SCENE_IMAGE_SIZE if objective == "scene_tokens" else kw.get("pretrain_size", 224)
-        image_size = TUNED_IMAGE_SIZE.get(preset, default) if objective == "classify" else default
-    out["pretrain_size"] = int(image_size)
-    if drop_path_rate is not None:
-        out["drop_path_rate"] = float(drop_path_rate)
-    return out
 
 
 def validate(cfg: PretrainConfig) -> dict[str, Any]:
     """Check every argument; return the resolved ViT kwargs. Raises one ValueError naming the problem."""
-    check_dataclass(cfg, "PretrainConfig", message=_type_message)  # the annotations; NaN/inf fail too
-    _check(cfg.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    check_dataclass(cfg, "PretrainConfig", message=type_message)  # the annotations; NaN/inf fail too
+    require(cfg.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
     vkw = vit_kwargs(cfg.preset, cfg.image_size, cfg.drop_path_rate, cfg.objective)
     patch, size = vkw.get("patch_size", 16), vkw["pretrain_size"]
-    _check(size >= patch and size % patch == 0, f"image_size must be a positive multiple of {patch}, got {size}")
-    _check(cfg.steps is None or cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
-    _check(cfg.epochs is None or cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}")
-    _check(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
-    _check(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number, got {cfg.lr}")
-    _check(0 <= cfg.min_lr <= cfg.lr, f"min_lr must be in [0, lr={cfg.lr}], got {cfg.min_lr}")
-    _check(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
-    _check(0 < cfg.beta2 < 1, f"beta2 must be in (0, 1), got {cfg.beta2}")
-    _check(cfg.warmup_steps >= 0, f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
-    _check(0 <= cfg.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    _check(cfg.grad_clip is None or cfg.grad_clip > 0, f"grad_clip must be > 0 or None, got {cfg.grad_clip}")
-    _check(vkw.get("drop_path_rate", 0.0) >= 0, f"drop_path_rate must be >= 0, got {cfg.drop_path_rate}")
-    _check(1 <= cfg.n_train <= N_TRAIN_MAX, f"n_train must be in 1..{N_TRAIN_MAX}, got {cfg.n_train}")
-    _check(1 <= cfg.n_val <= N_VAL_MAX, f"n_val must be in 1..{N_VAL_MAX}, got {cfg.n_val}")
+    require(size >= patch and size % patch == 0, f"image_size must be a positive multiple of {patch}, got {size}")
+    require(cfg.steps is None or cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
+    require(cfg.epochs is None or cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}")
+    require(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
+    require(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number, got {cfg.lr}")
+    require(0 <= cfg.min_lr <= cfg.lr, f"min_lr must be in [0, lr={cfg.lr}], got {cfg.min_lr}")
+    require(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    require(0 < cfg.beta2 < 1, f"beta2 must be in (0, 1), got {cfg.beta2}")
+    require(cfg.warmup_steps >= 0, f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    require(0 <= cfg.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    require(cfg.grad_clip is None or cfg.grad_clip > 0, f"grad_clip must be > 0 or None, got {cfg.grad_clip}")
+    require(vkw.get("drop_path_rate", 0.0) >= 0, f"drop_path_rate must be >= 0, got {cfg.drop_path_rate}")
+    require(1 <= cfg.n_train <= N_TRAIN_MAX, f"n_train must be in 1..{N_TRAIN_MAX}, got {cfg.n_train}")
+    require(1 <= cfg.n_val <= N_VAL_MAX, f"n_val must be in 1..{N_VAL_MAX}, got {cfg.n_val}")
     lo, hi = cfg.item_scale
-    _check(0 < lo <= hi <= 1, f"item_scale must satisfy 0 < lo <= hi <= 1, got {cfg.item_scale}")
+    require(0 < lo <= hi <= 1, f"item_scale must satisfy 0 < lo <= hi <= 1, got {cfg.item_scale}")
     from vit_adapter.data.pretrain import PLACEMENTS
 
-    _check(cfg.placement in PLACEMENTS, f"placement must be one of {', '.join(PLACEMENTS)}, got {cfg.placement!r}")
-    _check(cfg.augment in AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
-    _check(0 <= cfg.invert_prob <= 1, f"invert_prob must be in [0, 1], got {cfg.invert_prob}")
-    _check(cfg.pos_init in POS_INITS, f"pos_init must be one of {', '.join(POS_INITS)}, got {cfg.pos_init!r}")
+    require(cfg.placement in PLACEMENTS, f"placement must be one of {', '.join(PLACEMENTS)}, got {cfg.placement!r}")
+    require(cfg.augment in AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
+    require(0 <= cfg.invert_prob <= 1, f"invert_prob must be in [0, 1], got {cfg.invert_prob}")
+    require(cfg.pos_init in POS_INITS, f"pos_init must be one of {', '.join(POS_INITS)}, got {cfg.pos_init!r}")
     lo, hi = cfg.crop_scale
-    _check(0 < lo <= hi <= 1, f"crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+    require(0 < lo <= hi <= 1, f"crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
     lo, hi = cfg.crop_ratio
-    _check(0 < lo <= hi, f"crop_ratio must satisfy 0 < lo <= hi, got {cfg.crop_ratio}")
-    _check(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
-    _check(cfg.time_budget_s is None or cfg.time_budget_s > 0, f"time_budget_s must be > 0, got {cfg.time_budget_s}")
-    _check(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
-    _check(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
-    _check(0 <= cfg.scene_difficulty <= 1, f"scene_difficulty must be in [0, 1], got {cfg.scene_difficulty}")
-    _check(cfg.render_workers >= 1, f"render_workers must be >= 1, got {cfg.render_workers}")
+    require(0 < lo <= hi, f"crop_ratio must satisfy 0 < lo <= hi, got {cfg.crop_ratio}")
+    require(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    require(cfg.time_budget_s is None or cfg.time_budget_s > 0, f"time_budget_s must be > 0, got {cfg.time_budget_s}")
+    require(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
+    require(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
+    require(0 <= cfg.scene_difficulty <= 1, f"scene_difficulty must be in [0, 1], got {cfg.scene_difficulty}")
+    require(cfg.render_workers >= 1, f"render_workers must be >= 1, got {cfg.render_workers}")
     OBJECTIVE_REGISTRY[cfg.objective].check(cfg)
     return vkw
 
@@ -328,7 +224,7 @@ def pretrain(
     # Unknown options get a did-you-mean; values are type-checked against the annotations but kept as given
     # (an int lr stays an int in the sidecar).
     cfg = build_dataclass(
-        PretrainConfig, values, "pretrain()", what="pretrain option", convert=False, message=_type_message
+        PretrainConfig, values, "pretrain()", what="pretrain option", convert=False, message=type_message
     )
     return run(cfg, out)
 
@@ -336,7 +232,7 @@ def pretrain(
 def run(cfg: PretrainConfig, out: str | Path) -> dict[str, Any]:
     """``pretrain`` with a ready config (see there)."""
     out = Path(out)
-    _check(out.suffix == ".safetensors", f"out must be a .safetensors file, got {out}")
+    require(out.suffix == ".safetensors", f"out must be a .safetensors file, got {out}")
     vkw = validate(cfg)
     import torch
 
@@ -382,7 +278,7 @@ def _run(cfg: PretrainConfig, vkw: dict[str, Any], out: Path) -> dict[str, Any]:
         from vit_adapter.models.vit import load_vit_state_dict
 
         report = load_vit_state_dict(vit, load_weights(cfg.init_from))  # checks the file against its sidecar
-        _check(not report.missing, f"init_from {cfg.init_from} lacks ViT weights: {', '.join(report.missing)}")
+        require(not report.missing, f"init_from {cfg.init_from} lacks ViT weights: {', '.join(report.missing)}")
         init_sha256 = sha256_file(cfg.init_from)
     elif cfg.pos_init == "sincos":
         init_sincos_pos_embed(vit)
@@ -511,11 +407,11 @@ def load_pretrained(out: str | Path) -> tuple[PlainViT, nn.Module, dict[str, Any
 
     out = Path(out)
     side = sidecar_path(out)
-    _check(side.is_file(), f"no sidecar {side} next to {out}")
+    require(side.is_file(), f"no sidecar {side} next to {out}")
     meta = json.loads(side.read_text(encoding="utf-8"))
     vit = PlainViT(**meta["vit_kwargs"])
     report = load_vit_state_dict(vit, load_weights(out))
-    _check(not report.missing, f"{out} lacks ViT weights: {', '.join(report.missing)}")
+    require(not report.missing, f"{out} lacks ViT weights: {', '.join(report.missing)}")
     head = build_head(meta["vit_kwargs"]["embed_dim"], meta.get("num_classes", NUM_CLASSES))
     head.load_state_dict(load_file(str(out.with_name(meta["head_file"]))))
     return vit.eval(), head.eval(), meta

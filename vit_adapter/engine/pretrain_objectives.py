@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from vit_adapter.engine.pretrain import PretrainConfig
+    from vit_adapter.engine.pretrain_config import PretrainConfig
     from vit_adapter.models.vit import PlainViT
 
 log = logging.getLogger(__name__)
