@@ -30,17 +30,10 @@ from optuna.trial import TrialState
 from tests.test_sweep import micro
 from vit_adapter.analysis.report import _section_sweeps
 from vit_adapter.data import generate_dataset
-from vit_adapter.sweep import (
-    KILL_ENV,
-    AdvisoryLock,
-    SweepSettings,
-    main,
-    open_storage,
-    plan_sweep,
-    run_sweep,
-    storage_url,
-    write_outputs,
-)
+from vit_adapter.sweep import SweepSettings, main, plan_sweep, run_sweep, write_outputs
+from vit_adapter.sweep.locks import AdvisoryLock
+from vit_adapter.sweep.settings import KILL_ENV
+from vit_adapter.sweep.storage import open_storage, storage_url
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD_ENV = "VIT_ADAPTER_TEST_PGPASSWORD"  # the URL carries only the placeholder ${VIT_ADAPTER_TEST_PGPASSWORD}
