@@ -34,6 +34,32 @@ _PRUNER_ATTR_PREFIX = "completed_rung_"
 _FINISHED = ("good", "failed")
 
 
+class _QuietOptuna(logging.Filter):
+    """Optuna's log without what the sweep says better itself: "A new study created in memory" for every
+    reference study, and the traceback of a trial that failed for a known reason (a diverged loss: the trial's
+    one-line failure is all there is to say; a bug's traceback stays)."""
+
+    def __init__(self, catch: tuple[type[Exception], ...]) -> None:
+        super().__init__()
+        self.catch = catch
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "created in memory" in record.getMessage():
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.catch):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_optuna(catch: tuple[type[Exception], ...]) -> None:
+    """Install _QuietOptuna once per process on the loggers that emit those records."""
+    for name in ("optuna.storages._in_memory", "optuna.study._optimize"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietOptuna) for f in logger.filters):
+            logger.addFilter(_QuietOptuna(catch))
+
+
 def suggest(trial: optuna.Trial) -> tuple[float, float]:
     """The search space, in the order the objective and the batch sampler both suggest it."""
     return trial.suggest_float(GAMMA, 1e-6, 1.0, log=True), trial.suggest_float(RATIO, 1 / 16, 1.0)
@@ -150,7 +176,7 @@ def next_trial(plan: Plan, study: optuna.Study, locks: WorkerLocks, worker: int,
             return False
         if len(failed) >= (s.max_failed or s.n_trials):
             why = failed[-1].user_attrs.get(FAILURE_ATTR, "interrupted too often")
-            log.error("worker %d: %d trials failed (e.g. %s); stopping", worker, len(failed), why)
+            log.info("worker %d: %d trials failed (e.g. %s); stopping", worker, len(failed), why)
             return False
         if deadline is not None and time.time() >= deadline:
             log.info("worker %d: the sweep's time budget is spent", worker)
@@ -189,6 +215,7 @@ def run_trials(
             locks.trial.release()
             locks.trial = None
 
+    quiet_optuna(catch)
     locks.turnstile.acquire()
     while next_trial(plan, study, locks, worker, deadline):
         study.optimize(objective, n_trials=1, catch=catch, callbacks=[release_trial_lock], gc_after_trial=True)
