@@ -21,22 +21,20 @@ from vit_adapter.data import generate_dataset
 from vit_adapter.engine.identity import sha256_file
 from vit_adapter.engine.rundir import reuse_or_reset
 from vit_adapter.sweep import (
-    KILL_ENV,
     REFERENCE_POINTS,
     SweepError,
     SweepSettings,
     add_sweep_args,
-    create_study,
     export_study,
     main,
-    open_storage,
     plan_sweep,
     redact,
     run_sweep,
     settings_from_args,
     settings_from_mapping,
-    storage_url,
 )
+from vit_adapter.sweep.settings import KILL_ENV
+from vit_adapter.sweep.storage import create_study, open_storage, storage_url
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,13 +179,16 @@ def test_study_name_follows_the_objective_and_settings_are_checked(tmp_path, dat
     base = micro(data_root, tmp_path)
     name = plan_sweep(base).study_name
     assert name.startswith("gamma-cffn-seg-mIoU-")
-    # Budget and execution settings do not define the objective: same study, so they can resume it.
-    same = micro(data_root, tmp_path, n_trials=50, n_workers=2, timeout_s=10.0, pruner="median")
+    # Budget and execution settings decide neither the objective nor the trials: same study, so they resume it.
+    same = micro(data_root, tmp_path, n_trials=50, n_workers=2, timeout_s=10.0)
     assert plan_sweep(same).study_name == name
     for changed in (
         micro(data_root, tmp_path, seeds=[0, 1]),
         micro(data_root, tmp_path, sets=[*base.sets, "optim.lr=2e-3"]),
         micro(data_root, tmp_path, metric="mAcc"),
+        micro(data_root, tmp_path, pruner="median"),  # what decides the trials is in the identity too
+        micro(data_root, tmp_path, sampler_seed=1),
+        micro(data_root, tmp_path, batch_size=3),
     ):
         assert plan_sweep(changed).study_name != name
     det = plan_sweep(SweepSettings(sets=tiny_sets(data_root, "det")))
@@ -292,7 +293,7 @@ def test_storage_credentials_come_from_the_environment(tmp_path, monkeypatch, ca
     with pytest.raises(SweepError, match="SWEEP_TEST_PW is not set"):
         storage_url(settings)
     monkeypatch.setenv("SWEEP_TEST_PW", "p/w@x")
-    assert storage_url(settings) == "postgresql://optuna:p/w@x@db-host:5432/optuna"
+    assert storage_url(settings) == "postgresql+psycopg2://optuna:p/w@x@db-host:5432/optuna"  # the shipped driver
     assert storage_url(SweepSettings(storage="${SWEEP_TEST_PW}")) == "p/w@x"  # the whole URL from one variable
     assert redact("postgresql://optuna:p/w@x@db-host/optuna") == "postgresql://optuna:***@db-host/optuna"
     assert redact(url) == url and redact("sqlite:///x.db") == "sqlite:///x.db"

@@ -30,17 +30,10 @@ from optuna.trial import TrialState
 from tests.test_sweep import micro
 from vit_adapter.analysis.report_sections import section_sweeps as _section_sweeps
 from vit_adapter.data import generate_dataset
-from vit_adapter.sweep import (
-    KILL_ENV,
-    AdvisoryLock,
-    SweepSettings,
-    main,
-    open_storage,
-    plan_sweep,
-    run_sweep,
-    storage_url,
-    write_outputs,
-)
+from vit_adapter.sweep import SweepSettings, main, plan_sweep, run_sweep, write_outputs
+from vit_adapter.sweep.locks import AdvisoryLock
+from vit_adapter.sweep.settings import KILL_ENV
+from vit_adapter.sweep.storage import open_storage, storage_url
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD_ENV = "VIT_ADAPTER_TEST_PGPASSWORD"  # the URL carries only the placeholder ${VIT_ADAPTER_TEST_PGPASSWORD}
@@ -158,7 +151,10 @@ def test_two_machines_one_postgres_study_kill_retry_exact_budget(tmp_path, data_
     (killed,) = by_state[TrialState.FAIL]
     assert killed.number == 1 and "failure" not in killed.user_attrs
     (retry,) = [t for t in trials if "failed_trial" in t.system_attrs]
-    assert retry.system_attrs["failed_trial"] == 1 and retry.params == killed.params and retry.number == 3
+    assert retry.system_attrs["failed_trial"] == 1 and retry.params == killed.params
+    # The retry keeps the killed trial's slot and comes before the next batch's slot 2 (batches of 2: slot 2 waits
+    # until slots 0 and 1 are finished).
+    assert retry.user_attrs["slot"] == killed.user_attrs["slot"] == 1 and retry.number == 2
     assert 1 in retry.intermediate_values  # inherited from the killed trial (RetryHeartbeatStaleTrialCallback)
     # Distinct trials: three sampled points (the retry repeats the killed one's), run by both workers.
     sampled = [t for t in trials if "failed_trial" not in t.system_attrs]

@@ -294,20 +294,28 @@ def step_train(params: dict[str, Any], variant: str) -> int:
     return code
 
 
-def step_compute_matched(params: dict[str, Any]) -> int:
-    """The ViT baseline trained for the full model's wall-clock time (same seeds): iterations scaled by the
-    measured ratio of seconds per iteration, schedule stretched with it."""
-    runs = REPO / "results" / "runs"
-    opt_in = (params.get("paper") or {}).get("opt_in") or []
-    if load_config(profile_name(params)).data.dataset != "generated" and "baseline_compute_matched" not in opt_in:
-        # Opt-in at paper scale: one more full-length multi-GPU run (params.yaml paper.opt_in).
-        (runs / "baseline_compute_matched").mkdir(parents=True, exist_ok=True)
-        print("compute-matched: skipped (not in params.yaml paper.opt_in)")
-        return 0
-    full = [_costs(runs / "full" / f"s{s}") for s in params.get("seeds", [0])]
-    base = [_costs(runs / "baseline" / f"s{s}") for s in params.get("seeds", [0])]
-    ratio = sum(c["train_s_per_iter"] for c in full) / sum(c["train_s_per_iter"] for c in base)
-    root = runs / "baseline_compute_matched"
+# The compute-matched baseline's cost ratio (full model's seconds per iteration over the baseline's), per profile:
+# a committed measurement, so the stage's schedule never depends on the load of the machine that runs it.
+COST_RATIO_FILE = REPO / "experiments" / "compute_matched.json"
+
+
+def cost_ratio(params: dict[str, Any], runs: Path, ratio_file: Path = COST_RATIO_FILE) -> dict[str, Any]:
+    """{"ratio", "source"}: the profile's recorded ratio from `ratio_file`; for a profile with none, the
+    deterministic FLOPs ratio of the full and baseline runs' backbones (their costs.json), said in `source`."""
+    profile = profile_name(params)
+    recorded = json.loads(ratio_file.read_text(encoding="utf-8")) if ratio_file.is_file() else {}
+    entry = recorded.get("profiles", {}).get(profile)
+    if entry is not None:
+        return {"ratio": float(entry["full_over_baseline"]), "source": f"{ratio_file.name}: {entry['measured']}"}
+    seed = params.get("seeds", [0])[0]
+    full, base = _costs(runs / "full" / f"s{seed}"), _costs(runs / "baseline" / f"s{seed}")
+    ratio = full["flops_backbone_forward"] / base["flops_backbone_forward"]
+    print(f"compute-matched: no measured cost ratio for profile {profile} in {ratio_file}; using the FLOPs ratio")
+    return {"ratio": ratio, "source": "FLOPs ratio of the backbones' forward passes (costs.json)"}
+
+
+def compute_matched_jobs(params: dict[str, Any], runs: Path, ratio: float) -> list[tuple[Config, Path]]:
+    """The baseline's jobs with its schedule stretched by `ratio` (iterations, evaluations, warmup, milestones)."""
     jobs = []
     for s in params.get("seeds", [0]):
         cfg = variant_config(params, "baseline_compute_matched", s)
@@ -320,12 +328,48 @@ def step_compute_matched(params: dict[str, Any]) -> int:
             f"optim.warmup_iters={round(cfg.optim.warmup_iters * k)}",
             f"optim.milestones={[round(m * k) for m in cfg.optim.milestones]}",
         ]
-        jobs.append((variant_config(params, "baseline_compute_matched", s, extra), root / f"s{s}"))
+        jobs.append(
+            (variant_config(params, "baseline_compute_matched", s, extra), runs / "baseline_compute_matched" / f"s{s}")
+        )
+    return jobs
+
+
+def step_compute_matched(params: dict[str, Any]) -> int:
+    """The ViT baseline trained for the full model's wall-clock time (same seeds): iterations scaled by the
+    recorded cost ratio (cost_ratio), schedule stretched with it. The ratio is part of every run's config (its
+    max_iters), hence of its identity, and is written to schedule.json with where it came from."""
+    runs = REPO / "results" / "runs"
+    opt_in = (params.get("paper") or {}).get("opt_in") or []
+    if load_config(profile_name(params)).data.dataset != "generated" and "baseline_compute_matched" not in opt_in:
+        # Opt-in at paper scale: one more full-length multi-GPU run (params.yaml paper.opt_in).
+        (runs / "baseline_compute_matched").mkdir(parents=True, exist_ok=True)
+        print("compute-matched: skipped (not in params.yaml paper.opt_in)")
+        return 0
+    recorded = cost_ratio(params, runs)
+    root = runs / "baseline_compute_matched"
+    jobs = compute_matched_jobs(params, runs, recorded["ratio"])
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / "schedule.json", {"time_ratio_full_over_baseline": ratio})
+    atomic_write_json(
+        root / "schedule.json", {"time_ratio_full_over_baseline": recorded["ratio"], "source": recorded["source"]}
+    )
     code = train_runs(params, jobs, root, "compute_matched")
     _drop_stale(root, {out.name for _, out in jobs})
     return code
+
+
+def measure_cost_ratio(params: dict[str, Any], ratio_file: Path = COST_RATIO_FILE) -> int:
+    """Record the profile's ratio from the trained full and baseline runs (mean seconds per iteration over the
+    seeds) into `ratio_file`, to be committed: a deliberate measurement, never one taken inside the stage."""
+    runs = REPO / "results" / "runs"
+    seeds = params.get("seeds", [0])
+    full = sum(_costs(runs / "full" / f"s{s}")["train_s_per_iter"] for s in seeds)
+    base = sum(_costs(runs / "baseline" / f"s{s}")["train_s_per_iter"] for s in seeds)
+    doc = json.loads(ratio_file.read_text(encoding="utf-8")) if ratio_file.is_file() else {}
+    where = f"train_s_per_iter of results/runs/{{full,baseline}}/s{{{','.join(map(str, seeds))}}}"
+    doc.setdefault("profiles", {})[profile_name(params)] = {"full_over_baseline": full / base, "measured": where}
+    atomic_write_json(ratio_file, doc)
+    print(f"{profile_name(params)}: full/baseline = {full / base:.4f} -> {ratio_file}")
+    return 0
 
 
 def _costs(run: Path) -> dict[str, Any]:
@@ -345,7 +389,8 @@ def _drop_stale(root: Path, keep: set[str]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vit_adapter.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["data", "weights", "train", "compute-matched", "run-one"])
+    steps = ["data", "weights", "train", "compute-matched", "measure-cost-ratio", "run-one"]
+    parser.add_argument("step", choices=steps)
     parser.add_argument("--variant", help="ablation overlay name (train step)")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--config", type=Path, help="resolved config file (run-one: the process of one run)")
@@ -366,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.variant:
                 raise ValueError("the train step needs --variant")
             return step_train(params, args.variant)
+        if args.step == "measure-cost-ratio":
+            return measure_cost_ratio(params)
         return step_compute_matched(params)
     except (ValueError, FileNotFoundError) as err:
         print(f"pipeline {args.step}: error: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Typed YAML configs: one loader for train (engine/config.py), pretrain (engine/pretrain.py) and sweep (sweep.py).
+"""Typed YAML configs: one loader for train (engine/config.py), pretrain (engine/pretrain.py) and sweep (sweep/).
 
 * ``parse_yaml``: PyYAML follows YAML 1.1, where ``1e-4`` is a string; accept it as a float (YAML 1.2) and reject
   duplicate keys, which PyYAML would otherwise resolve silently to the last one.

@@ -27,7 +27,7 @@ from ..utils.io import atomic_open, atomic_write_text, sha256_file
 from .rundir import RunDir
 
 if TYPE_CHECKING:
-    from .trainer import Dist
+    from .distributed import Dist
 
 
 def rng_state() -> dict[str, Any]:

@@ -17,117 +17,49 @@ Robustness, all on Optuna's own facilities plus two kinds of flock(2) files unde
   (even by SIGKILL), so a RUNNING trial whose lock is free was interrupted. Such trials become FAIL and are
   retried (``RetryHeartbeatStaleTrialCallback``, same parameters, intermediate values inherited); the retry
   reuses the original trial's run directories, so it resumes from the last checkpoint.
-- Exact totals with parallel workers: a new trial starts only while COMPLETE + PRUNED + RUNNING < n_trials, and
-  the decision "start one more" plus the ``ask`` that follows happen under one lock (``.turnstile.lock``; on
-  PostgreSQL an advisory lock, shared by workers on all machines), so two workers cannot both take the last
-  slot. A worker whose remaining slots are all RUNNING elsewhere waits until they finish or go stale (and are
-  retried) instead of stopping short.
+- Same trials on every run (``batches``): trials are drawn in batches from a seeded sampler that sees only
+  finished earlier batches, and pruned against those only, so load, worker count and completion order change
+  no parameter, value or pruning decision. Exact totals: a new trial is created, and asked for, under one lock
+  (``.turnstile.lock``; on PostgreSQL an advisory lock, shared by workers on all machines), only while the
+  study needs one; a worker whose batch is still running elsewhere waits for it.
 
-Layout (one module per job; this package re-exports the names other code and the tests import):
-``settings`` (constants, errors, SweepSettings, params.yaml, URL redaction), ``plan`` (plan_sweep), ``locks``
-(flock files, the PostgreSQL advisory lock), ``storage`` (journal/RDB, turnstile, sampler, pruner, recovery),
-``objective`` (runs, reference points, the trial objective, the exact budget), ``driver`` (workers, run_sweep),
-``outputs`` (trials.csv, best_params.json, plots, summary.json, export), ``cli`` (flags, main; ``__main__``).
+Layout (one module per job; this package re-exports only the public API, internals are imported from their
+module): ``settings`` (constants, errors, SweepSettings, params.yaml, URL redaction), ``plan`` (plan_sweep),
+``locks`` (flock files, the PostgreSQL advisory lock), ``storage`` (journal/RDB, turnstile, pruner, recovery),
+``batches`` (which trials run: slots, batches, the seeded sampler and the pruning decision), ``objective``
+(runs, reference points, the trial objective), ``driver`` (workers, run_sweep), ``outputs`` (trials.csv,
+best_params.json, plots, summary.json, export), ``cli`` (flags, main; ``__main__``).
 """
 
 from __future__ import annotations
 
-from .cli import (
-    add_sweep_args,
-    main,
-    run_sweep_from_args,
-    settings_from_args,
-)
-from .driver import (
-    run_sweep,
-    run_worker,
-)
-from .locks import (
-    AdvisoryLock,
-    FileLock,
-    WorkerLocks,
-)
-from .objective import (
-    ExactTrialBudget,
-    collect_references,
-    run_reference,
-    train_or_load,
-)
-from .outputs import (
-    export_study,
-    load_existing_study,
-    write_outputs,
-)
-from .plan import (
-    Plan,
-    plan_sweep,
-)
+from .cli import add_sweep_args, main, run_sweep_from_args, settings_from_args
+from .driver import run_sweep
+from .outputs import export_study, write_outputs
+from .plan import Plan, plan_sweep
 from .settings import (
-    FAILURE_ATTR,
-    GAMMA,
-    KILL_ENV,
-    METRIC_FOR_TASK,
-    RATIO,
     REFERENCE_POINTS,
-    SPACE_VERSION,
-    STORAGE_ENV,
     SweepError,
     SweepSettings,
-    TrialFailed,
     read_params_file,
     redact,
     settings_from_mapping,
 )
-from .storage import (
-    create_study,
-    make_pruner,
-    make_sampler,
-    open_storage,
-    open_turnstile,
-    recover,
-    root_number,
-    storage_url,
-)
 
 __all__ = [
-    "AdvisoryLock",
-    "ExactTrialBudget",
-    "FAILURE_ATTR",
-    "FileLock",
-    "GAMMA",
-    "KILL_ENV",
-    "METRIC_FOR_TASK",
-    "Plan",
-    "RATIO",
     "REFERENCE_POINTS",
-    "SPACE_VERSION",
-    "STORAGE_ENV",
+    "Plan",
     "SweepError",
     "SweepSettings",
-    "TrialFailed",
-    "WorkerLocks",
     "add_sweep_args",
-    "collect_references",
-    "create_study",
     "export_study",
-    "load_existing_study",
     "main",
-    "make_pruner",
-    "make_sampler",
-    "open_storage",
-    "open_turnstile",
     "plan_sweep",
     "read_params_file",
-    "recover",
     "redact",
-    "root_number",
-    "run_reference",
     "run_sweep",
     "run_sweep_from_args",
-    "run_worker",
     "settings_from_args",
     "settings_from_mapping",
-    "storage_url",
-    "train_or_load",
     "write_outputs",
 ]

@@ -8,10 +8,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .driver import run_sweep
 from .outputs import export_study, write_outputs
-from .settings import _SETTING_TYPES, SweepError, SweepSettings, read_params_file, settings_from_mapping
+from .settings import _SETTING_TYPES, SweepError, SweepSettings, read_params_file, redact, settings_from_mapping
 
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -66,8 +67,9 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
 
 
 def run_sweep_from_args(args: argparse.Namespace) -> int:
-    """Exit code: 0 done or time budget spent, 1 too many diverged trials, 130 interrupted (rerun to resume).
-    Bad settings raise SweepError/ConfigError (exit 2 in the CLI)."""
+    """Exit code: 0 done or time budget spent, 130 interrupted (rerun to resume). Bad settings, and a study
+    stopped by too many diverged trials (a setting to change: the same trials would diverge again), raise
+    SweepError/ConfigError: one line, exit 2 in the CLI."""
     from ..engine.hooks import StopTraining
 
     if not logging.getLogger().handlers:
@@ -84,6 +86,8 @@ def run_sweep_from_args(args: argparse.Namespace) -> int:
     except (StopTraining, KeyboardInterrupt):
         print("sweep interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    if summary["status"] == "too_many_failures":
+        raise SweepError(_failure_advice(summary))
     best = summary["best"]
     print(
         json.dumps(
@@ -97,7 +101,18 @@ def run_sweep_from_args(args: argparse.Namespace) -> int:
             sort_keys=True,
         )
     )
-    return 1 if summary["status"] == "too_many_failures" else 0
+    return 0
+
+
+def _failure_advice(summary: dict[str, Any]) -> str:
+    """The one line of a sweep stopped by diverged trials, with advice that applies to `sweep` (its --set)."""
+    n, done = summary["counts"].get("fail", 0), summary["counts"].get("complete", 0) + summary["counts"]["pruned"]
+    example = summary.get("failure_example") or "see trials.csv"
+    return (
+        f"{n} trial(s) diverged ({done} finished; e.g. {example}), so the sweep stopped: lower the learning rate "
+        "or clip gradients for every trial with --set optim.lr=... or --set optim.clip_grad=1.0 (or the `sets` of "
+        "params.yaml's sweep section; that starts a new study), or raise max_failed"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,5 +125,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_sweep_from_args(args)
     except (ValueError, FileNotFoundError, KeyError) as err:  # SweepError, ConfigError, DataError, no such study
-        print(f"sweep: error: {err}", file=sys.stderr)
+        print(f"sweep: error: {redact(' '.join(str(err).split()))}", file=sys.stderr)
         return 2

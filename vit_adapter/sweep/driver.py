@@ -14,12 +14,13 @@ import optuna
 from optuna.trial import TrialState
 
 from ..utils.io import atomic_write_json
+from .batches import run_trials
 from .locks import WorkerLocks
-from .objective import ExactTrialBudget, _may_start_trial, _objective, _references_doc, run_reference
+from .objective import _objective, _references_doc, run_reference
 from .outputs import write_outputs
 from .plan import Plan, _plan_info, plan_sweep
 from .settings import REFERENCE_POINTS, SweepError, SweepSettings, TrialFailed, redact
-from .storage import create_study, make_pruner, make_sampler, open_storage, open_turnstile
+from .storage import create_study, open_storage, open_turnstile
 
 log = logging.getLogger(__package__)  # "vit_adapter.sweep", as before the split
 
@@ -40,27 +41,16 @@ def run_worker(settings: SweepSettings, worker: int = 0, deadline: float | None 
                     run_reference(plan, name, seed, blocking=False)
         storage = open_storage(plan)
         locks = WorkerLocks(open_turnstile(plan))
-        locks.turnstile.acquire()
+        # The study's own sampler never draws (every trial is enqueued with its slot's parameters) and its
+        # pruner never decides: both happen in sweep/batches.py, against the same history on every run.
+        study = optuna.load_study(
+            study_name=plan.study_name,
+            storage=storage,
+            sampler=optuna.samplers.RandomSampler(seed=0),
+            pruner=optuna.pruners.NopPruner(),
+        )
         try:
-            # Counted under the turnstile: workers started at the same moment (or the same CLI launched twice)
-            # see different counts, so their samplers get different seeds.
-            study_id = storage.get_study_id_from_name(plan.study_name)
-            n_existing = len(storage.get_all_trials(study_id, deepcopy=False))
-            study = optuna.load_study(
-                study_name=plan.study_name,
-                storage=storage,
-                sampler=make_sampler(plan, worker, n_existing),
-                pruner=make_pruner(plan),
-            )
-            if not _may_start_trial(plan, study, storage, locks, worker, deadline):
-                return
-            study.optimize(
-                _objective(plan, locks),
-                timeout=None if deadline is None else max(0.0, deadline - time.time()),
-                catch=(TrialFailed,),
-                callbacks=[ExactTrialBudget(plan, storage, locks, worker, deadline)],
-                gc_after_trial=True,
-            )
+            run_trials(plan, study, locks, _objective(plan, locks), (TrialFailed,), worker, deadline)
         finally:
             locks.release_all()
             locks.turnstile.close()

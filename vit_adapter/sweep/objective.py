@@ -1,5 +1,5 @@
-"""What a trial computes: runs trained or loaded (trials and the reference points), the trial objective, and the
-exact trial budget shared by parallel workers (``ExactTrialBudget``)."""
+"""What a trial computes: runs trained or loaded (trials and the reference points) and the trial objective (its
+parameters fixed by sweep/batches.py, its pruning decided there too)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,19 @@ import os
 import shutil
 import signal
 import socket
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
 
 from ..engine.config import Config
 from ..engine.rundir import METRICS_FILE, RunDir, identity_marker, recorded_identity, reuse_or_reset
+from .batches import SLOT_ATTR, SlotPruner, suggest
 from .locks import FileLock, WorkerLocks, _trial_lock_path
 from .plan import Plan
 from .settings import FAILURE_ATTR, GAMMA, KILL_ENV, RATIO, REFERENCE_POINTS, TrialFailed
-from .storage import recover, root_number
+from .storage import root_number
 
 log = logging.getLogger(__package__)  # "vit_adapter.sweep", as before the split
 
@@ -139,81 +138,6 @@ def _references_doc(plan: Plan, *, run_missing: bool) -> dict[str, Any]:
     }
 
 
-class ExactTrialBudget:
-    """After each trial, under the turnstile: stop, or let the next `ask` happen (see _may_start_trial), so
-    trials running in other workers count and two workers cannot both take the last slot."""
-
-    def __init__(
-        self,
-        plan: Plan,
-        storage: optuna.storages.BaseStorage,
-        locks: WorkerLocks,
-        worker: int,
-        deadline: float | None,
-    ) -> None:
-        self.plan, self.storage, self.locks, self.worker, self.deadline = plan, storage, locks, worker, deadline
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self.locks.trial is not None:  # the finished trial's state is stored now
-            self.locks.trial.release()
-            self.locks.trial = None
-        self.locks.turnstile.acquire()  # held until the next trial is locked, or until the worker stops
-        if not _may_start_trial(self.plan, study, self.storage, self.locks, self.worker, self.deadline):
-            study.stop()
-
-
-def _may_start_trial(
-    plan: Plan,
-    study: optuna.Study,
-    storage: optuna.storages.BaseStorage,
-    locks: WorkerLocks,
-    worker: int,
-    deadline: float | None,
-) -> bool:
-    """Called with the turnstile held; returns with it held. True: the study has a free slot (COMPLETE + PRUNED +
-    RUNNING < n_trials, a queued retry included), ask for it now. False: stop (done, too many diverged trials, or
-    the time budget is spent). When every free slot is taken by a trial RUNNING elsewhere, wait: that trial may
-    still fail or die (its worker's lock frees, or its heartbeat goes stale, and it is retried), and stopping
-    then would leave the study one trial short."""
-    s = plan.settings
-    poll = min(float(s.heartbeat_s), 2.0 if plan.uses_journal else 10.0)
-    waited = False
-    while True:
-        recover(plan, study, storage)  # a sibling may have died; its trial must not count as running
-        if _too_many_failures(plan, study, worker):
-            return False
-        trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-        running = sum(t.state == TrialState.RUNNING for t in trials)
-        if finished >= s.n_trials:
-            log.info("worker %d: the study holds its %d trials", worker, s.n_trials)
-            return False
-        if deadline is not None and time.time() >= deadline:
-            log.info("worker %d: the sweep's time budget is spent", worker)
-            return False
-        if finished + running < s.n_trials:
-            return True
-        if not waited:
-            log.info("worker %d: waiting for %d trial(s) running elsewhere", worker, running)
-            waited = True
-        locks.turnstile.release()  # the others need it to finish (their callbacks) and to recover
-        time.sleep(poll)
-        locks.turnstile.acquire()
-
-
-def _too_many_failures(plan: Plan, study: optuna.Study, worker: int) -> bool:
-    """Trials that failed deterministically (divergence) do not count towards n_trials; without a cap, a study
-    whose every point diverges would never end."""
-    cap = plan.settings.max_failed or plan.settings.n_trials
-    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if FAILURE_ATTR in t.user_attrs]
-    if len(failed) >= cap:
-        log.error(
-            "worker %d: %d trials failed (e.g. %s); stopping", worker, len(failed), failed[-1].user_attrs[FAILURE_ATTR]
-        )
-        return True
-    return False
-
-
 def _objective(plan: Plan, locks: WorkerLocks) -> Callable[[optuna.Trial], float]:
     s = plan.settings
     kill = _kill_trigger()
@@ -225,11 +149,11 @@ def _objective(plan: Plan, locks: WorkerLocks) -> Callable[[optuna.Trial], float
         return _run_trial(trial)
 
     def _run_trial(trial: optuna.Trial) -> float:
-        gamma = trial.suggest_float(GAMMA, 1e-6, 1.0, log=True)
-        ratio = trial.suggest_float(RATIO, 1 / 16, 1.0)
+        gamma, ratio = suggest(trial)  # the slot's enqueued values: the sampler of this study never draws
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         root = root_number(frozen)
         reported = set(frozen.intermediate_values)  # a retry inherits its original's reports
+        pruner = SlotPruner(plan, trial.study, frozen, int(frozen.user_attrs[SLOT_ATTR]))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("run_dir", str(plan.trial_dir(root)))
         per_seed: list[float] = []
@@ -240,10 +164,14 @@ def _objective(plan: Plan, locks: WorkerLocks) -> Callable[[optuna.Trial], float
             def after_eval(it: int, metrics: dict[str, Any], i: int = i, seed: int = seed) -> None:
                 value = metrics.get(plan.metric)
                 step = i * plan.max_iters + it
-                if isinstance(value, int | float) and step not in reported:
+                if not isinstance(value, int | float):
+                    return
+                if step not in reported:
                     trial.report(float(value), step)
                     reported.add(step)
-                if step < len(s.seeds) * plan.max_iters and trial.should_prune():  # never prune a finished trial
+                # Decided on the reported values of earlier batches only (never on who finished first); a
+                # finished trial is never pruned.
+                if step < len(s.seeds) * plan.max_iters and pruner.should_prune(step, float(value)):
                     raise optuna.TrialPruned(f"{plan.metric} = {value} at seed {seed}, iteration {it}")
 
             def after_iteration(it: int, i: int = i) -> None:
@@ -265,8 +193,10 @@ def _objective(plan: Plan, locks: WorkerLocks) -> Callable[[optuna.Trial], float
                 raise
             except (FloatingPointError, TrialFailed) as err:  # diverged: a retry would do the same
                 _discard_partial(run)
-                trial.set_user_attr(FAILURE_ATTR, f"{type(err).__name__}: {err}")
-                raise TrialFailed(str(err)) from err
+                # The trainer's advice names `train --no-resume`; the sweep's own advice comes with its error.
+                what = str(err).split("; lower optim.lr", 1)[0]
+                trial.set_user_attr(FAILURE_ATTR, f"seed {seed}: {what}")
+                raise TrialFailed(f"seed {seed}: {what}") from None
             per_seed.append(value)
             trial.set_user_attr(f"{plan.metric}_seed{seed}", value)
             finals = {k: v for k, v in result["final"].items() if not isinstance(v, list)}

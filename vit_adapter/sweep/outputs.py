@@ -78,7 +78,10 @@ def write_outputs(settings: SweepSettings, wall_s: float | None = None) -> dict[
 
     plots, skipped = _write_plots(plan, study, len(complete)) if settings.plots else ([], {"all": "plots: false"})
     counts = {st.name.lower(): sum(t.state == st for t in trials) for st in TrialState}
-    diverged = sum(t.state == TrialState.FAIL and FAILURE_ATTR in t.user_attrs for t in trials)
+    failures = [
+        t.user_attrs[FAILURE_ATTR] for t in trials if t.state == TrialState.FAIL and FAILURE_ATTR in t.user_attrs
+    ]
+    diverged = len(failures)
     if counts["complete"] + counts["pruned"] >= settings.n_trials:
         status = "done"
     elif diverged >= (settings.max_failed or settings.n_trials):
@@ -91,6 +94,7 @@ def write_outputs(settings: SweepSettings, wall_s: float | None = None) -> dict[
         "n_trials_target": settings.n_trials,
         "status": status,
         "counts": counts,
+        "failure_example": failures[0] if failures else None,
         "search_space": {GAMMA: {"low": 1e-6, "high": 1.0, "log": True}, RATIO: {"low": 1 / 16, "high": 1.0}},
         "best": best,
         "references": refs,

@@ -103,6 +103,19 @@ def plan_sweep(s: SweepSettings) -> Plan:
         "seeds": list(s.seeds),
         "space": {GAMMA: [1e-6, 1.0, "log"], RATIO: [1 / 16, 1.0, "uniform"]},
         "version": SPACE_VERSION,
+        # What decides which trials run and which are pruned (sweep/batches.py): the same key, the same trials.
+        "search": {
+            "sampler_seed": s.sampler_seed,
+            "batch_size": s.batch_size,
+            "n_startup_trials": s.n_startup_trials,
+            "pruner": {
+                "name": s.pruner,
+                "startup_trials": s.prune_startup_trials,
+                "warmup_evals": s.prune_warmup_evals,
+                "below": s.prune_below,
+            },
+            "max_retry": s.max_retry,
+        },
     }
     # Content, not paths: re-pretrained weights or regenerated data at the same path, or edited code, make every
     # trial stale, in the journal and in a shared database alike. The searched keys change neither input.

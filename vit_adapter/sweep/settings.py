@@ -15,7 +15,7 @@ from ..config.typed import ConfigError, build_dataclass, read_yaml
 # Search space (issue 7). γ = 0, the paper's value, cannot be on a log scale: it is a reference point instead.
 GAMMA = "gamma_init"
 RATIO = "cffn_ratio"
-SPACE_VERSION = 1  # bump when the space or the objective's definition changes in code
+SPACE_VERSION = 2  # bump when the space or the objective's definition changes in code
 METRIC_FOR_TASK = {"seg": "mIoU", "det": "bbox_mAP"}
 # Fixed points evaluated over the same seeds, outside the study (model-section overrides).
 REFERENCE_POINTS: dict[str, dict[str, Any]] = {
@@ -59,7 +59,10 @@ class SweepSettings:
     out_dir: str = "results/sweeps"
     study_name: str | None = None  # None = derived from the settings that define the objective
     sampler_seed: int = 0
-    n_startup_trials: int | None = None  # TPE random start; None = max(3, n_trials // 3)
+    # Trials drawn together from the same finished history (sweep/batches.py): fixes which trials the study runs,
+    # whatever the workers and the load; at most this many workers train at once.
+    batch_size: int = 2
+    n_startup_trials: int = 4  # TPE's random start; fixed, not from n_trials: it decides the trials
     pruner: Literal["median", "hyperband", "threshold", "none"] = "median"
     prune_startup_trials: int = 3  # median: trials that finish before pruning starts
     prune_warmup_evals: int = 1  # evaluations of the first seed that are never pruned
@@ -82,6 +85,8 @@ class SweepSettings:
 
         need(self.n_trials >= 1, f"n_trials = {self.n_trials} must be >= 1")
         need(self.n_workers >= 1, f"n_workers = {self.n_workers} must be >= 1")
+        need(self.n_startup_trials >= 0, f"n_startup_trials = {self.n_startup_trials} must be >= 0")
+        need(self.batch_size >= 1, f"batch_size = {self.batch_size} must be >= 1")
         need(self.threads >= 1, f"threads = {self.threads} must be >= 1")
         need(len(self.seeds) >= 1, "seeds must list at least one seed")
         need(len(set(self.seeds)) == len(self.seeds), f"seeds = {self.seeds} has duplicates")
@@ -96,10 +101,11 @@ class SweepSettings:
             f"heartbeat_grace_s = {self.heartbeat_grace_s} must exceed heartbeat_s = {self.heartbeat_s}",
         )
         if self.storage is not None:
-            password = _url_password(self.storage)
+            secrets = [_url_password(self.storage)]
+            secrets += [v.strip("'\"") for k, v in _query_secrets(self.storage) if k in _LITERAL_REFUSED]
             # A literal password would end up in params.yaml, shell history and `ps`; the environment holds it.
             need(
-                password is None or _PLACEHOLDER.fullmatch(password) is not None,
+                all(not p or _PLACEHOLDER.fullmatch(p) is not None for p in secrets),
                 f"storage: the URL {redact(self.storage)} holds a literal password; write ${{VAR}} in its place "
                 f"(or the whole URL as ${{{STORAGE_ENV}}}, or use PGPASSWORD) and set it in the environment",
             )
@@ -153,13 +159,67 @@ def _url_password(url: str) -> str | None:
     return userinfo.split(":", 1)[1] or None if ":" in userinfo else None
 
 
-def redact(url: str | None) -> str | None:
-    """A storage URL (or a message quoting one) without its password, for everything printed or written. A
-    ${VAR} placeholder is kept: it names where the password comes from, and is no secret."""
-    if url is None:
+# Query parameters (and libpq `key=value` words in driver messages) whose value is a secret, or names a file
+# holding one; generous on purpose: a redacted path costs nothing, a leaked password a rotation.
+SECRET_KEYS = (
+    "password",
+    "passwd",
+    "pwd",
+    "passfile",
+    "sslpassword",
+    "sslkey",
+    "sslcert",
+    "sslrootcert",
+    "token",
+    "access_token",
+    "auth_token",
+    "refresh_token",
+    "id_token",
+    "secret",
+    "client_secret",
+    "api_key",
+    "apikey",
+    "private_key",
+)
+# Keys whose literal value is refused in `storage` (the others are file paths, which may stay literal).
+_LITERAL_REFUSED = ("password", "passwd", "pwd", "sslpassword", "token", "access_token", "auth_token", "secret")
+_SECRET_PARAM = re.compile(
+    r"(?i)(?<![A-Za-z0-9_])(" + "|".join(SECRET_KEYS) + r")(\s*=\s*)('[^']*'|\"[^\"]*\"|[^&;#\s'\"]*)"
+)
+# `scheme://[user]:password@`: the user may be empty (`postgresql://:pw@host`); greedy up to the last "@" before
+# whitespace, as a URL parser reads it.
+_USERINFO = re.compile(r"(://[^/:@\s]*):(\S*)@")
+
+
+def _query_secrets(url: str) -> list[tuple[str, str]]:
+    """(key, value) of the secret query parameters of a URL, placeholders not expanded."""
+    query = url.split("?", 1)[1].split("#", 1)[0] if "?" in url else ""
+    return [(m.group(1).lower(), m.group(3)) for m in _SECRET_PARAM.finditer(query)]
+
+
+def redact(text: str | None) -> str | None:
+    """`text` (a storage URL, or a message quoting one) without secrets, for everything printed or written: the
+    userinfo password (with or without a user name) and secret query parameters or libpq `key=value` words become
+    ``***``. A ${VAR} placeholder is kept: it names where the secret comes from, and is no secret."""
+    if text is None:
         return None
 
-    def hide(m: re.Match[str]) -> str:
+    def hide_userinfo(m: re.Match[str]) -> str:
         return m.group(0) if _PLACEHOLDER.fullmatch(m.group(2)) else f"{m.group(1)}:***@"
 
-    return re.sub(r"(://[^/:@\s]+):(\S*)@", hide, url)  # greedy: up to the last "@", as a URL parser reads it
+    def hide_param(m: re.Match[str]) -> str:
+        value = m.group(3).strip("'\"")
+        keep = not value or _PLACEHOLDER.fullmatch(value) is not None
+        return m.group(0) if keep else f"{m.group(1)}{m.group(2)}***"
+
+    return _SECRET_PARAM.sub(hide_param, _USERINFO.sub(hide_userinfo, text))
+
+
+def scrub(message: str, url: str, written: str | None) -> str:
+    """A driver's message about the connection to `url` (placeholders filled) made safe to print: the filled URL
+    shown as `written` (placeholders kept), every secret value it holds replaced, then redact() for the rest."""
+    message = message.replace(url, written or "")
+    secrets = [_url_password(url), *(v.strip("'\"") for _, v in _query_secrets(url))]
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):  # longest first: no partial leftovers
+        message = message.replace(secret, "***")
+    return redact(message) or ""

@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .locks import AdvisoryLock, FileLock, _trial_lock_path
 from .plan import Plan
-from .settings import _PLACEHOLDER, FAILURE_ATTR, SweepError, SweepSettings, _url_password, redact
+from .settings import _PLACEHOLDER, FAILURE_ATTR, SweepError, SweepSettings, redact, scrub
 
 log = logging.getLogger(__package__)  # "vit_adapter.sweep", as before the split
 
@@ -28,10 +28,21 @@ def storage_url(settings: SweepSettings) -> str:
     def fill(m: re.Match[str]) -> str:
         value = os.environ.get(m.group(1))
         if value is None:
-            raise SweepError(f"storage: environment variable {m.group(1)} is not set (used in {settings.storage})")
+            raise SweepError(
+                f"storage: environment variable {m.group(1)} is not set (used in {redact(settings.storage)})"
+            )
         return value
 
-    return _PLACEHOLDER.sub(fill, settings.storage)
+    return _with_shipped_driver(_PLACEHOLDER.sub(fill, settings.storage))
+
+
+def _with_shipped_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads a bare `postgresql://` as psycopg 3, which requirements.txt does not install (and
+    `postgres://` not at all); both mean the psycopg2 driver it does install. An explicit `+driver` is kept."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        return f"postgresql+psycopg2://{rest}"
+    return url
 
 
 def _is_postgres(url: str) -> bool:
@@ -69,18 +80,14 @@ def open_storage(plan: Plan, *, create: bool = True) -> optuna.storages.BaseStor
         raise
     except Exception as err:  # noqa: BLE001 - driver errors have many types; one line, never the password
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        first = first.replace(url, s.storage or "")
-        secret = _url_password(url)
-        if secret:
-            first = first.replace(secret, "***")
-        raise SweepError(f"cannot open storage {redact(s.storage)}: {redact(first)}") from None
+        raise SweepError(f"cannot open storage {redact(s.storage)}: {scrub(first, url, s.storage)}") from None
     finally:
         if schema_lock is not None:
             schema_lock.close()
 
 
 def open_turnstile(plan: Plan) -> FileLock | AdvisoryLock:
-    """The lock under which a worker decides to start a trial and asks for it (see ExactTrialBudget)."""
+    """The lock under which a worker decides to start a trial and asks for it (see batches.next_trial)."""
     if not plan.uses_journal and _is_postgres(storage_url(plan.settings)):
         return AdvisoryLock(storage_url(plan.settings), plan.study_name)
     return FileLock(plan.study_dir / ".turnstile.lock")  # journal, or an RDB without advisory locks (sqlite)
@@ -99,22 +106,6 @@ def make_pruner(plan: Plan) -> optuna.pruners.BasePruner:
     if s.pruner == "threshold":
         return optuna.pruners.ThresholdPruner(lower=s.prune_below, n_warmup_steps=warmup)
     return optuna.pruners.NopPruner()
-
-
-def make_sampler(plan: Plan, worker: int, n_existing: int) -> optuna.samplers.TPESampler:
-    """Seeded TPE. The seed also mixes the worker index (parallel workers must not draw the same startup
-    points) and the trials already in the study (a resumed sweep must not redraw the first points)."""
-    s = plan.settings
-    seed = (s.sampler_seed * 1_000_003 + worker * 10_007 + n_existing) % 2**31
-    parallel = s.n_workers > 1 or not plan.uses_journal  # an RDB study may have workers elsewhere
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            seed=seed,
-            n_startup_trials=s.n_startup_trials if s.n_startup_trials is not None else max(3, s.n_trials // 3),
-            multivariate=True,  # γ and the ratio may interact
-            constant_liar=parallel,  # running trials count as bad, so parallel workers spread out
-        )
 
 
 def create_study(plan: Plan, storage: optuna.storages.BaseStorage) -> optuna.Study:
