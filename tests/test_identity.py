@@ -60,7 +60,7 @@ def test_code_digest_follows_the_code_meaning_not_its_bytes(tmp_path: Path) -> N
     rep.write_text(rep.read_text() + "\nEDITED = 1\n")
     assert {s: _fresh_digest(s, pkg) for s in identity.CODE_SCOPES} == after
     # the sweep driver is in the sweep's scope, not in a run's
-    sweep = next(p for p in (pkg / "sweep.py", pkg / "sweep" / "__init__.py") if p.is_file())
+    sweep = pkg / "sweep" / "__init__.py"
     sweep.write_text(sweep.read_text() + "\nEDITED = 1\n")
     assert _fresh_digest("run", pkg) == after["run"]
     assert _fresh_digest("sweep", pkg) != after["sweep"]

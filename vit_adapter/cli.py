@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -392,15 +393,37 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
 
-def _main(argv: Sequence[str] | None) -> int:
+# Libraries the commands import, imported while a signal still ends the process at once (``_exit_at_once``):
+# an import cut half-way by KeyboardInterrupt leaves a half-initialised module behind, and libraries that import
+# optional parts under a broad ``except`` swallow the interrupt and go on broken ("cannot load module more than
+# once", a missing numpy attribute, a recursion error in scikit-image's lazy loader: all seen under load).
+STARTUP_IMPORTS = ("numpy", "torch", "PIL.Image", "skimage.data", "skimage.measure", "pycocotools.mask")
+
+
+def _exit_at_once(signum: int, frame: Any) -> None:
+    """SIGINT/SIGTERM while starting (importing, parsing): nothing is written yet, so leave at once."""
     import signal
 
+    name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+    os.write(2, f"vit-adapter: {name} while starting; nothing was written\n".encode())
+    os._exit(128 + signum)
+
+
+def _main(argv: Sequence[str] | None, in_main_thread: bool = False) -> int:
+    import importlib
+    import signal
+
+    for name in STARTUP_IMPORTS:
+        importlib.import_module(name)
     from .engine.hooks import StopTraining
     from .engine.rundir import RunDirError
     from .utils.locks import DirectoryInUseError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if in_main_thread:  # from here on a signal is an exception, so that `finally` blocks clean up
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if isinstance(getattr(args, "out", None), Path):  # eval, fetch-weights and pretrain write a file there
             check_out_path(args.out, "--out", directory=args.command in ("train", "data"))
@@ -422,24 +445,28 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI. SIGINT and SIGTERM are handled from the first line on, so a Ctrl-C during the imports (torch
-    takes seconds) ends with one line and 130, not a traceback."""
+    """The CLI. SIGINT and SIGTERM are handled from the first line on: while it imports (torch takes seconds) and
+    parses, one ends the process at once with one line and 130 / 143 (nothing is written yet); from then on
+    they are exceptions (KeyboardInterrupt, Terminated) that the command's cleanup sees."""
     import signal
     import threading
 
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    if in_main_thread:
+        previous = signal.signal(signal.SIGTERM, _exit_at_once)
+        previous_int = signal.signal(signal.SIGINT, _exit_at_once)
     try:
-        return _main(argv)
-    except KeyboardInterrupt:  # while importing or parsing: nothing was written yet
+        return _main(argv, in_main_thread)
+    except KeyboardInterrupt:  # while parsing (in-process callers): nothing was written yet
         print("vit-adapter: interrupted while starting; nothing was written", file=sys.stderr)
         return 130
     except Terminated:
         print("vit-adapter: terminated (SIGTERM) while starting; nothing was written", file=sys.stderr)
         return 143
     finally:
-        if in_main_thread:  # in-process callers (tests) get their handler back; None: one not set from Python
+        if in_main_thread:  # in-process callers (tests) get their handlers back; None: one not set from Python
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            signal.signal(signal.SIGINT, previous_int if previous_int is not None else signal.default_int_handler)
 
 
 if __name__ == "__main__":
