@@ -5,7 +5,8 @@ order the trials finish in, and a compute-matched schedule that no timing change
 from __future__ import annotations
 
 import json
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -112,10 +113,9 @@ def test_rerun_under_load_gives_the_same_trials_and_best(tmp_path, data_root, mo
     first = micro(data_root, tmp_path / "a", **kw)
     run_sweep(first)
 
-    # The second run: a busy thread and clocks that jump by minutes between calls.
-    stop = threading.Event()
-    busy = threading.Thread(target=lambda: [sum(range(10_000)) for _ in iter(stop.is_set, True)], daemon=True)
-    busy.start()
+    # The second run: a busy process on the cores (a thread would mostly take this process's GIL instead) and
+    # clocks that jump by minutes between calls.
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     for name in ("time", "perf_counter", "monotonic"):
         real, jumps = getattr(time, name), iter(range(1, 10**9))
         monkeypatch.setattr(time, name, lambda real=real, jumps=jumps: real() + 300.0 * next(jumps))
@@ -124,7 +124,8 @@ def test_rerun_under_load_gives_the_same_trials_and_best(tmp_path, data_root, mo
         run_sweep(second)
     finally:
         monkeypatch.undo()
-        stop.set()
+        busy.kill()
+        busy.wait()
     assert _trials_of(first) == _trials_of(second)
     assert {t[1] for t in _trials_of(first)} >= {"COMPLETE"}
     a, b = (Path(plan_sweep(s).study_dir) / "best_params.json" for s in (first, second))

@@ -382,23 +382,11 @@ def _write_split(
     return {"images": n, "instances": len(anns), "crowd": n_crowd}
 
 
-def generate_dataset(
-    root: str | os.PathLike[str],
-    *,
-    n_train: int,
-    n_val: int,
-    image_size: int | tuple[int, int] = 128,
-    seed: int = 0,
-    difficulty: float = 0.5,
-    overwrite: bool = False,
-    fmnist_dir: str | os.PathLike[str] | None = None,
-    workers: int = 1,
-    progress: bool = True,
-    **scene: Any,
-) -> dict[str, Any]:
+def generate_dataset(root: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
     """Write COCO (``annotations/instances_{train,val}2017.json``, ``{train,val}2017/``) and ADE20K
     (``ADEChallengeData2016/{images,annotations}/{training,validation}``) layouts of the same scenes under
-    ``root``, plus ``root/manifest.json`` (parameters and the sha256 of every file). Returns the manifest.
+    ``root``, plus ``root/manifest.json`` (parameters and the sha256 of every file). Returns the manifest
+    (``ensure_dataset``, which takes the same ``options``, also says whether it was reused).
 
     ``scene`` holds SceneConfig overrides (objects_per_image, scale_range, camouflage_prob, clutter, ...).
     The directory is built in a temporary sibling and renamed into place, so ``root`` is never half-written.
@@ -409,19 +397,7 @@ def generate_dataset(
     ``workdirs``). ``workers`` > 1 renders in forked processes that end with this one; the bytes written do not
     depend on it. ``progress`` shows a tqdm bar per split while rendering (only when stderr is a terminal).
     """
-    manifest, _ = ensure_dataset(
-        root,
-        n_train=n_train,
-        n_val=n_val,
-        image_size=image_size,
-        seed=seed,
-        difficulty=difficulty,
-        overwrite=overwrite,
-        fmnist_dir=fmnist_dir,
-        workers=workers,
-        progress=progress,
-        **scene,
-    )
+    manifest, _ = ensure_dataset(root, **options)
     return manifest
 
 

@@ -147,7 +147,12 @@ def _eval_items(val_set: Any, batches: list[list[int]], seg: bool, workers: int)
     items = _EvalItems(val_set, seg)
     if workers == 0:
         return ([items[i] for i in b] for b in batches)
-    return torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=workers, collate_fn=_as_list)
+    # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise, and training
+    # (drop path) goes on drawing from that RNG after the evaluation, so num_workers would change the run.
+    loader_rng = torch.Generator().manual_seed(0)
+    return torch.utils.data.DataLoader(
+        items, batch_sampler=batches, num_workers=workers, collate_fn=_as_list, generator=loader_rng
+    )
 
 
 def _clean(v: Any) -> Any:
