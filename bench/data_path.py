@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         "meets_target": per_iter <= TARGET_MS,
     }
     result["threads"] = 1
+    from vit_adapter.engine.rundir import cpu_model
+
+    result["host"] = {"cpu_model": cpu_model(), "torch": torch.__version__}  # speed ratios move with the CPU
     print(json.dumps(result, indent=2, sort_keys=True))
     if args.out is not None:
         from vit_adapter.utils.io import atomic_write_json
