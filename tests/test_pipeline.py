@@ -310,11 +310,11 @@ def test_new_weight_bytes_at_the_same_path_retrain_every_dependent_result(micro_
     assert "up to date" in _dvc(micro_repo, "status").stdout
 
 
-README_EXP_SHOW = r"^Experiment$|headline/full-baseline\.json:(delta|ci_lo|ci_hi)$"
+README_EXP_SHOW = r"^Experiment$|^results/headline/full-baseline\.json:(delta|ci_lo|ci_hi)$"
 
 
 def test_dvc_exp_run_then_the_documented_exp_show_fits_a_terminal(micro_repo: Path) -> None:
-    """`dvc exp run -S ...` on the micro pipeline, then the README's `dvc exp show` (plus the varied param) in a
+    """`dvc exp run -S seeds=[0,1]` on the micro pipeline, then the README's `dvc exp show` (plus the varied param) in a
     160-column terminal: every line fits, and the experiment's row holds its param and the finding's numbers.
     Last in the module: the experiment leaves its params in the workspace."""
     assert f"--keep '{README_EXP_SHOW}'" in (REPO / "README.md").read_text(encoding="utf-8")
@@ -323,15 +323,15 @@ def test_dvc_exp_run_then_the_documented_exp_show_fits_a_terminal(micro_repo: Pa
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     subprocess.run(["git", "add", "-A"], cwd=micro_repo, check=True, capture_output=True)
     subprocess.run([*git, "commit", "-qm", "before the experiment"], cwd=micro_repo, capture_output=True)
-    _dvc(micro_repo, "exp", "run", "-S", "sweep.n_trials=3", "--name", "three-trials", env=who)
+    _dvc(micro_repo, "exp", "run", "-S", "seeds=[0,1]", "--name", "two-seeds", env=who)
     env = {"COLUMNS": "160", **who}
-    keep = README_EXP_SHOW + r"|^sweep\.n_trials$"
+    keep = README_EXP_SHOW + r"|^seeds$"
     shown = _dvc(micro_repo, "exp", "show", "--drop", ".*", "--keep", keep, env=env).stdout.splitlines()
     assert shown and max(map(len, shown)) <= 160, shown
-    row = next(line for line in shown if "three-trials" in line)
+    row = next(line for line in shown if "two-seeds" in line)
     header = next(line for line in shown if "Experiment" in line)
-    assert "sweep.n_trials" in header and "full-baseline.json:delta" in header
-    assert " 3 " in f" {row} " and "…" not in row, row
+    assert "seeds" in header and "full-baseline.json:delta" in header
+    assert "0, 1" in row and "…" not in row, row
 
 
 def test_variant_configs_follow_their_overlays() -> None:
