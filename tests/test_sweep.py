@@ -98,6 +98,9 @@ def test_micro_sweep_end_to_end(tmp_path, data_root) -> None:
     assert json.loads((tmp_path / "sweeps" / "summary.json").read_text()) == json.loads(
         (d / "summary.json").read_text()
     )
+    # A rerun that only reloads the finished study (DVC after a comment edit) keeps the study's wall time.
+    again = run_sweep(settings)
+    assert again["wall_s"] == summary["wall_s"] > 0 and again["counts"] == summary["counts"]
 
     # A rerun finds the study complete and the references cached: nothing is trained again.
     stamp = (d / "reference" / "no_cffn" / "seed_0" / "metrics.json").stat().st_mtime_ns

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -86,7 +87,8 @@ def run_sweep(settings: SweepSettings) -> dict[str, Any]:
 
     data_root(plan.config(settings.seeds[0], {}))  # fail fast (no study, no workers) without a dataset
     storage = open_storage(plan)
-    create_study(plan, storage)
+    study = create_study(plan, storage)
+    finished_before = _finished_trials(study)
     recorded = dataclasses.asdict(settings) | {"storage": redact(settings.storage)}
     atomic_write_json(plan.study_dir / "settings.json", {"settings": recorded, **_plan_info(plan)})
     deadline = None if settings.timeout_s is None else t0 + settings.timeout_s
@@ -96,7 +98,25 @@ def run_sweep(settings: SweepSettings) -> dict[str, Any]:
         _run_parallel(plan, deadline)
     if settings.references:
         atomic_write_json(plan.study_dir / "reference_points.json", _references_doc(plan, run_missing=True))
-    return write_outputs(settings, wall_s=time.time() - t0)
+    # The study's wall time over the invocations that ran its trials: a rerun that only reloads a finished study
+    # (DVC reruns the stage after an edit that changes nothing it computes) keeps the recorded time.
+    ran = _finished_trials(study) != finished_before
+    wall_s = _recorded_wall_s(plan) + (time.time() - t0 if ran or not finished_before else 0.0)
+    return write_outputs(settings, wall_s=wall_s)
+
+
+def _finished_trials(study: optuna.Study) -> int:
+    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+
+def _recorded_wall_s(plan: Plan) -> float:
+    """The wall time this study's summary.json recorded (0 without one)."""
+    try:
+        previous = json.loads((plan.study_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0.0
+    wall = previous.get("wall_s") if isinstance(previous, dict) else None
+    return float(wall) if isinstance(wall, int | float) else 0.0
 
 
 def _run_parallel(plan: Plan, deadline: float | None) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from ..config.typed import ConfigError, build_dataclass, read_yaml
 
-# Search space (issue 7). γ = 0, the paper's value, cannot be on a log scale: it is a reference point instead.
+# Search space: γ init × ConvFFN ratio. γ = 0, the paper's value, cannot be on a log scale: it is a reference point instead.
 GAMMA = "gamma_init"
 RATIO = "cffn_ratio"
 SPACE_VERSION = 2  # bump when the space or the objective's definition changes in code
