@@ -1,4 +1,4 @@
-"""Fault injection through the CLI (issue 17, docs/faults.md): every fault a user can cause ends in one line and
+"""Fault injection through the CLI (docs/faults.md): every fault a user can cause ends in one line and
 a documented exit code, and leaves exactly the files the docs promise. Numbers in the test names follow the
 issue's list; the already-good cases (kill -9 resume, same seed twice) are here too, the sweep's kill/resume is
 tests/test_sweep.py::test_kill_9_mid_sweep_then_resume and the pipeline's tests/test_pipeline.py."""

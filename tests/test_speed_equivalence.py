@@ -1,6 +1,6 @@
 """The CPU speed-ups of issues 5 and 14 keep the function, and the overhead benchmark runs in-process.
 
-The same-function rule (issue 14): for every output and every gradient, the optimised fp32 model's error against a
+The same-function rule: for every output and every gradient, the optimised fp32 model's error against a
 float64 evaluation of the straightforward reference path is <= max(1e-5 relative, 1.5 x the fp32 reference path's own
 error against float64). Relative errors are ‖Δ‖/‖float64‖. (Issue 5's rule, ‖Δ‖/‖ref‖ <= 1e-5 against the fp32
 reference, rejected changes whose only difference is fp32 rounding order, such as the channels-last SPM: train-mode
