@@ -157,3 +157,13 @@ def test_power_limits_and_minimum_detectable_effect() -> None:
     assert stats.min_detectable_effect(4.0, 4) == pytest.approx(2 * mde)  # linear in the std
     assert stats.min_detectable_effect(2.0, 16) < mde  # more pairs resolve smaller effects
     assert math.isnan(stats.min_detectable_effect(1.0, 1))
+
+
+def test_power_and_mde_are_finite_with_two_pairs() -> None:
+    """With 2 pairs (df 1) scipy's noncentral t returns NaN for the lower tail beyond nc ≈ 7.5; the power is then
+    the upper tail (the lower one is below Φ(−nc) < 1e-13), and the MDE root search stays finite."""
+    from vit_adapter.analysis.stats import min_detectable_effect, paired_t_power
+
+    p = paired_t_power(7.53 / math.sqrt(2), 1.0, 2)
+    assert math.isfinite(p) and 0.4 < p < 0.5
+    assert math.isfinite(min_detectable_effect(0.5, 2)) and min_detectable_effect(0.5, 2) > 0

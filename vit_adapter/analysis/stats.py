@@ -108,7 +108,10 @@ def paired_t_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> flo
     df = n - 1
     crit = t_ppf(1.0 - alpha / 2.0, df)
     nc = abs(effect) * math.sqrt(n) / sd
-    return float(sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc))
+    lower = sps.nct.cdf(-crit, df, nc)
+    if not math.isfinite(lower):  # scipy's series fails far in this tail (df 1, nc > 7.5); it is <= Φ(−nc) there
+        lower = 0.0
+    return float(sps.nct.sf(crit, df, nc) + lower)
 
 
 def min_detectable_effect(sd: float, n: int, power: float = 0.8, alpha: float = 0.05) -> float:
